@@ -1,0 +1,18 @@
+"""pargo_kernels: fast, exact kernels for the vision-language projectors ParGo and DeCo.
+
+Public ops (all differentiable, registered with ``torch.library``)::
+
+    partial_global_attention(q, k, v, n_partial, *, scale, visual_grid, partial_grid, backend)
+    band_attention(q, k, v, window, *, scale, backend)
+    cascade_windows(n_partial, n_layers, mode)
+
+Masks are small validated objects (:mod:`pargo_kernels.masks`); dense references live in
+:mod:`pargo_kernels.reference`.
+"""
+from .attention import band_attention, cascade_windows, partial_global_attention
+from .masks import BandMask, PartialGlobalMask
+from .pooling import adaptive_avg_pool_project, adaptive_avg_pool_tokens
+
+__version__ = "0.1.0"
+__all__ = ["partial_global_attention", "band_attention", "cascade_windows", "PartialGlobalMask",
+           "BandMask", "__version__"]

@@ -1,0 +1,239 @@
+"""Public attention ops: partial-global cross-attention and banded (cascaded) self-attention.
+
+Layering (as in FlashAttention / Liger): Triton kernels and launchers live in
+``ops/attention_triton.py``; here they are registered as ``torch.library`` custom ops with fake
+(meta) implementations and autograd, and wrapped in documented, validated functions.
+
+Registered ops (mask as ``kind`` + five int ``params``, see :mod:`pargo_kernels.masks`):
+
+* ``pargo::masked_attention_fwd(q, k, v, kind, params, scale, backend) -> (out, lse)``
+* ``pargo::masked_attention_bwd(dout, q, k, v, out, lse, kind, params, scale, backend)
+  -> (dq, dk, dv)``
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from ._validate import check_int, check_same, check_scale, check_tensor
+from .masks import BandMask, PartialGlobalMask
+from .reference import masked_attention
+
+MAX_HEAD_DIM = 256
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# registered ops
+# --------------------------------------------------------------------------------------------
+def _triton():
+    from .ops import attention_triton  # imported lazily: triton is only needed when used
+    return attention_triton
+
+
+@torch.library.custom_op("pargo::masked_attention_fwd", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, kind: int, params: list[int], scale: float,
+            backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _triton().attention_forward(q, k, v, kind, params, scale)
+    raise ValueError(f"pargo::masked_attention_fwd: unknown backend {backend!r}")
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, kind, params, scale, backend):
+    B, H, Nq, _ = q.shape
+    return (q.new_empty((B, H, Nq, v.shape[3])),
+            q.new_empty((B, H, Nq), dtype=torch.float32))
+
+
+@torch.library.custom_op("pargo::masked_attention_bwd", mutates_args=())
+def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kind: int,
+            params: list[int], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton().attention_backward(dout, q, k, v, out, lse, kind, params, scale)
+    raise ValueError(f"pargo::masked_attention_bwd: unknown backend {backend!r}")
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, kind, params, scale, backend):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kind, params, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mask = (kind, params, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    kind, params, scale, backend = ctx.mask
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, kind, params, scale, backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+def _triton_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+    why = _backend.triton_device_reasons([q])
+    if q.dtype not in _TRITON_DTYPES:
+        why.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
+        why.append(f"head dims ({q.shape[3]}, {v.shape[3]}) exceed {MAX_HEAD_DIM}")
+    return why
+
+
+def _cuda_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+    return ["the CUDA attention kernels are not implemented yet (csrc/ has none)"]
+
+
+def _run(op: str, q: Tensor, k: Tensor, v: Tensor, mask, scale: float, backend: str) -> Tensor:
+    chosen = _backend.resolve(
+        op, backend,
+        reasons={"cuda": lambda: _cuda_reasons(q, k, v),
+                 "triton": lambda: _triton_reasons(q, k, v),
+                 "reference": lambda: []},
+        preference=("cuda", "triton", "reference") if q.is_cuda else ("reference",))
+    if chosen == "reference":
+        return masked_attention(q, k, v, mask.materialize(q.device), scale)
+    out, _ = _fwd_op(q, k, v, mask.kind, list(mask.params), scale, chosen)
+    return out
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+    check_same(("q", "k", "v"), (q, k, v))
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError("q, k, v must share batch and head dims [B, H]: got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k head dim {k.shape[3]} must equal q head dim {q.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v has {v.shape[2]} tokens but k has {k.shape[2]}; they must match")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise ValueError(f"{name} must have at least one token and one channel, got shape "
+                             f"{tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
+                             scale: Optional[float] = None,
+                             visual_grid: Optional[Sequence[int]] = None,
+                             partial_grid: Optional[Sequence[int]] = None,
+                             backend: str = "auto") -> Tensor:
+    """ParGo partial-global cross-attention (DESIGN.md §1), block-sparse, differentiable.
+
+    Args:
+        q: ``[B, H, Nq, D]`` queries: the first ``n_partial`` are partial, the rest global.
+        k: ``[B, H, Nv, D]`` keys (visual tokens). v: ``[B, H, Nv, Dv]`` values. Any strides.
+        n_partial: number of partial queries ``Np``, ``0 <= Np <= min(Nq, Nv)``. ``0`` is plain
+            cross-attention; ``Np = Nq`` is pure block-diagonal attention.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        visual_grid, partial_grid: ``(rows, cols)`` of the key grid and of the partial-query
+            grid (row-major); give both for 2-D windows (those of ``adaptive_avg_pool2d``).
+        backend: ``"auto"`` (CUDA tensors: Triton; CPU: reference), ``"triton"`` (on CPU tensors
+            only under ``TRITON_INTERPRET=1``), ``"reference"`` (dense-mask eager PyTorch) or
+            ``"cuda"``. ``PARGO_BACKEND`` pins the backend of ``"auto"`` calls.
+
+    Windows (1-D): partial query ``i`` attends to keys ``[floor(i*Nv/Np), floor((i+1)*Nv/Np))``;
+    global queries attend to all keys. With ``Np = 4, Ng = 2, Nv = 8``::
+
+        q0  ##......
+        q1  ..##....
+        q2  ....##..
+        q3  ......##
+        g0  ########
+        g1  ########
+
+    Returns ``[B, H, Nq, Dv]`` (contiguous) in the dtype of ``q``. Softmax statistics and
+    accumulation are fp32; fp32 inputs are computed in true fp32 (no TF32).
+    """
+    _check_qkv(q, k, v)
+    mask = PartialGlobalMask(q.shape[2], k.shape[2], n_partial, _grid(visual_grid),
+                             _grid(partial_grid))
+    scale = check_scale(scale, q.shape[3])
+    return _run("partial_global_attention", q, k, v, mask, scale, backend)
+
+
+def band_attention(q: Tensor, k: Tensor, v: Tensor, window: Sequence[int], *,
+                   scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+    """Banded self-attention (ParGo's Cascaded Partial Perception, DESIGN.md §2).
+
+    ``q, k, v``: ``[B, H, N, D]`` (``v`` may have its own head dim), any strides.
+    ``window = (left, right)``, non-negative ints: query ``i`` attends to key ``j`` iff
+    ``i - left <= j <= i + right``. ``(left, 0)`` is causal-like, ``(N-1, N-1)`` full attention;
+    wider windows are clipped. Every row sees at least itself. With ``window = (2, 1)``, N = 6::
+
+        ##....
+        ###...
+        ####..
+        .####.
+        ..####
+        ...###
+
+    The window reaches the kernels as two int scalars: a new window per layer costs no
+    recompilation and builds no mask tensor. ``backend`` as in :func:`partial_global_attention`.
+    """
+    _check_qkv(q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"band_attention is self-attention: k has {k.shape[2]} tokens but q has "
+                         f"{q.shape[2]}")
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair (left, right) of non-negative ints, got {window!r}")
+    mask = BandMask(q.shape[2], window[0], window[1])
+    scale = check_scale(scale, q.shape[3])
+    return _run("band_attention", q, k, v, mask, scale, backend)
+
+
+CASCADE_MODES = ("causal", "symmetric")
+
+
+def cascade_windows(n_partial: int, n_layers: int, mode: str = "causal") -> list[tuple[int, int]]:
+    """Per-layer band windows of ParGo's cascade: layer ``l`` (1-based) of ``d`` lets each partial
+    token see ``n_vis = ceil(l * n_partial / d)`` adjacent tokens (itself included).
+
+    Rounding: ``ceil``, so the last layer always sees all ``n_partial`` tokens and the first at
+    least one; when ``d`` divides ``n_partial`` it is the paper's ``l * n_partial / d`` exactly.
+
+    * ``"causal"``: ``(n_vis - 1, 0)``, the token and the ``n_vis - 1`` before it;
+    * ``"symmetric"``: ``n_vis - 1`` split around the token, the odd one to the left:
+      ``(ceil((n_vis - 1) / 2), floor((n_vis - 1) / 2))``.
+
+    ``cascade_windows(288, 6)`` -> ``[(47, 0), (95, 0), ..., (287, 0)]`` (widths 48, 96, ..., 288).
+    """
+    n_partial = check_int("n_partial", n_partial, 1)
+    n_layers = check_int("n_layers", n_layers, 1)
+    if mode not in CASCADE_MODES:
+        raise ValueError(f"mode must be one of {CASCADE_MODES}, got {mode!r}")
+    windows = []
+    for layer in range(1, n_layers + 1):
+        n_vis = -(-layer * n_partial // n_layers)
+        if mode == "causal":
+            windows.append((n_vis - 1, 0))
+        else:
+            windows.append((n_vis // 2, (n_vis - 1) // 2))
+    return windows
+
+
+def _grid(grid):
+    if grid is None:
+        return None
+    if isinstance(grid, (tuple, list)):
+        return tuple(grid)
+    raise TypeError(f"grids must be a pair (rows, cols) of ints, got {grid!r}")
+
+
+__all__ = ["partial_global_attention", "band_attention", "cascade_windows"]

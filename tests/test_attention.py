@@ -1,0 +1,170 @@
+"""Partial-global and banded attention against the float64 oracle, forward and all gradients.
+
+The "triton" backend runs the real kernels (under the Triton interpreter on a CPU-only machine,
+on the GPU otherwise); the "reference" backend is the dense-mask eager path. Every case draws
+fresh random inputs; outputs are allocated NaN-filled so an unwritten element fails.
+"""
+import pytest
+import torch
+
+import pargo_kernels as pk
+from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels.ops import attention_triton
+from pargo_kernels.reference import masked_attention
+from pargo_kernels.testing import assert_close, randn, rel_error, run_with_grads
+
+BACKENDS = ["triton", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(attention_triton, "_empty", nan_empty)
+
+
+def _check(op, mask, B, H, D, Dv, dtype, device, backend, layout="bhnd", scale=None):
+    """Run ``op`` on fresh inputs and compare output and dq, dk, dv with the fp64 oracle."""
+    q = randn((B, H, mask.n_query, D), dtype, device, layout)
+    k = randn((B, H, mask.n_key, D), dtype, device, layout)
+    v = randn((B, H, mask.n_key, Dv), dtype, device, layout)
+    grad = torch.randn(B, H, mask.n_query, Dv, device=device).to(dtype)
+    out, grads = run_with_grads(lambda a, b, c: op(a, b, c, backend), (q, k, v), grad)
+    ref_scale = D ** -0.5 if scale is None else scale
+    dense = mask.materialize(device)
+    ref, ref_grads = run_with_grads(lambda a, b, c: masked_attention(a, b, c, dense, ref_scale),
+                                    (q, k, v), grad, torch.float64)
+    assert out.dtype == dtype and out.shape == (B, H, mask.n_query, Dv)
+    assert_close("out", out, ref, dtype)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(name, g, r, dtype)
+
+
+PG_CASES = {
+    # id: (Nq, Nv, n_partial, visual_grid, partial_grid)
+    "paper-288+16x576": (304, 576, 288, None, None),
+    "np-not-dividing-nv": (20, 37, 13, None, None),
+    "multi-tile-150+70x333": (220, 333, 150, None, None),
+    "np0-plain-cross": (9, 37, 0, None, None),
+    "ng0-block-diagonal": (13, 37, 13, None, None),
+    "np-equals-nv": (21, 19, 19, None, None),
+    "2d-divisible-6x6-3x3": (13, 36, 9, (6, 6), (3, 3)),
+    "2d-uneven-5x7-3x2": (9, 35, 6, (5, 7), (3, 2)),
+    "2d-24x24-12x12": (150, 576, 144, (24, 24), (12, 12)),
+    "2d-overlap-4x4-3x5": (17, 16, 15, (4, 4), (3, 5)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(PG_CASES))
+def test_partial_global_matches_oracle(case, backend, device):
+    nq, nv, np_, vgrid, pgrid = PG_CASES[case]
+    mask = PartialGlobalMask(nq, nv, np_, vgrid, pgrid)
+    B, H = (1, 2) if nq * nv > 50_000 else (2, 3)
+
+    def op(q, k, v, be):
+        return pk.partial_global_attention(q, k, v, np_, visual_grid=vgrid, partial_grid=pgrid,
+                                           backend=be)
+    _check(op, mask, B, H, 64 if case.startswith("paper") else 32, 32, torch.float32, device,
+           backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", ["paper", "d80-noncontig", "dv-differs", "2d-noncontig"])
+def test_partial_global_dtypes_and_layouts(variant, dtype, device):
+    if variant == "paper":
+        mask, D, Dv, layout = PartialGlobalMask(304, 576, 288), 64, 64, "bhnd"
+    elif variant == "d80-noncontig":
+        mask, D, Dv, layout = PartialGlobalMask(40, 97, 31), 80, 80, "bnhd"
+    elif variant == "dv-differs":
+        mask, D, Dv, layout = PartialGlobalMask(24, 50, 20), 16, 96, "bhnd"
+    else:
+        mask, D, Dv, layout = PartialGlobalMask(16, 35, 12, (5, 7), (4, 3)), 48, 48, "bnhd"
+
+    def op(q, k, v, be):
+        return pk.partial_global_attention(q, k, v, mask.n_partial, visual_grid=mask.visual_grid,
+                                           partial_grid=mask.partial_grid, backend=be)
+    _check(op, mask, 1, 2, D, Dv, dtype, device, "triton", layout)
+
+
+BAND_CASES = {
+    # id: (N, window)
+    "self-only-0-0": (50, (0, 0)),
+    "causal-full": (50, (49, 0)),
+    "asymmetric-3-7": (77, (3, 7)),
+    "wider-than-n": (45, (60, 1000)),
+    "multi-tile-right-only": (150, (0, 40)),
+    "cascade-l1-288": (288, (47, 0)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAND_CASES))
+def test_band_matches_oracle(case, backend, device):
+    n, window = BAND_CASES[case]
+    mask = BandMask(n, *window)
+    _check(lambda q, k, v, be: pk.band_attention(q, k, v, window, backend=be), mask, 2, 2, 32, 32,
+           torch.float32, device, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("variant", ["d80-noncontig", "symmetric-cascade"])
+def test_band_dtypes_and_layouts(variant, dtype, device):
+    if variant == "d80-noncontig":
+        n, window, D, layout = 70, (5, 2), 80, "bnhd"
+    else:
+        n, window, D, layout = 96, pk.cascade_windows(96, 6, "symmetric")[2], 64, "bhnd"
+    mask = BandMask(n, *window)
+    _check(lambda q, k, v, be: pk.band_attention(q, k, v, window, backend=be), mask, 1, 2, D, D,
+           dtype, device, "triton", layout)
+
+
+def test_custom_scale(device):
+    mask = PartialGlobalMask(12, 30, 10)
+    _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 10, scale=0.3, backend=be),
+           mask, 1, 2, 32, 32, torch.float32, device, "triton", scale=0.3)
+
+
+def test_tolerance_discriminates_a_wrong_window(device):
+    """The comparison can fail: the kernel's output checked against the oracle of a mask shifted
+    by one partial query must exceed the tolerance by far."""
+    q, k, v = (randn((1, 2, n, 32), torch.float32, device, requires_grad=False)
+               for n in (20, 37, 37))
+    out = pk.partial_global_attention(q, k, v, 13, backend="triton")
+    right = masked_attention(q.double(), k.double(), v.double(),
+                             PartialGlobalMask(20, 37, 13).materialize(device), 32 ** -0.5)
+    wrong = masked_attention(q.double(), k.double(), v.double(),
+                             PartialGlobalMask(20, 37, 12).materialize(device), 32 ** -0.5)
+    assert rel_error(out, right) < 1e-4
+    assert rel_error(out, wrong) > 100 * 2e-5
+
+
+def test_unwritten_output_is_caught(device, monkeypatch):
+    """If the kernel skipped rows, the NaN poison would surface: simulate it by shrinking the grid."""
+    q, k, v = (randn((1, 1, n, 16), torch.float32, device, requires_grad=False)
+               for n in (20, 37, 37))
+    real = attention_triton.num_query_tiles
+    monkeypatch.setattr(attention_triton, "num_query_tiles", lambda *a: real(*a) - 1)
+    out = pk.partial_global_attention(q, k, v, 13, backend="triton")
+    assert torch.isnan(out).any()
+    ref = masked_attention(q, k, v, PartialGlobalMask(20, 37, 13).materialize(device), 0.25)
+    assert rel_error(out, ref) == float("inf")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: B*H > 65,535 programs run serially in the interpreter")
+def test_batch_heads_above_grid_limit():
+    mask = PartialGlobalMask(6, 8, 4)
+    _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 4, backend=be), mask,
+           65_537, 1, 16, 16, torch.float16, "cuda", "triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_paper_shape_full_batch_on_gpu():
+    mask = PartialGlobalMask(304, 576, 288)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 288, backend=be), mask,
+               256, 8, 64, 64, dtype, "cuda", "triton")
