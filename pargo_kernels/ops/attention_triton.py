@@ -104,6 +104,20 @@ def _query_tile(pid_m, Nq, P0, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
     return m0, row_end, is_global
 
 
+@triton.jit
+def _query_program(H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
+    """Prologue of a query-tile program (forward, dQ): its (batch, head), rows, their windows
+    and the key range ``[n_lo, n_hi)`` the tile must visit."""
+    bh = tl.program_id(0).to(tl.int64)
+    m0, row_end, is_global = _query_tile(tl.program_id(1), Nq, P0, BLOCK_M, KIND)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    valid = rows < row_end
+    lo, hi, x0, x1 = _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND)
+    n_lo = tl.min(tl.where(valid, lo, Nv), 0)
+    n_hi = tl.max(hi, 0)
+    return bh, bh // H, bh % H, rows, valid, lo, hi, x0, x1, n_lo, n_hi
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -115,15 +129,8 @@ def _attn_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    m0, row_end, is_global = _query_tile(tl.program_id(1), Nq, P0, BLOCK_M, KIND)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    valid = rows < row_end
-    lo, hi, x0, x1 = _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND)
-    n_lo = tl.min(tl.where(valid, lo, Nv), 0)
-    n_hi = tl.max(hi, 0)
+    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi = _query_program(
+        H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -190,15 +197,8 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    m0, row_end, is_global = _query_tile(tl.program_id(1), Nq, P0, BLOCK_M, KIND)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    valid = rows < row_end
-    lo, hi, x0, x1 = _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND)
-    n_lo = tl.min(tl.where(valid, lo, Nv), 0)
-    n_hi = tl.max(hi, 0)
+    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi = _query_program(
+        H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)

@@ -1,0 +1,53 @@
+"""The benchmark harness in --smoke mode: tiny shapes on CPU, every script, one process each.
+
+Checks that the correctness gate of the benchmarks can fail (a deliberately wrong provider must
+come out WRONG and untimed), that correct providers pass it, and that the merged JSON and the
+markdown are written with the expected fields. No timing is judged.
+"""
+import json
+import os
+import subprocess
+import sys
+import glob
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"op", "case", "provider", "mode", "status", "ms", "ms_p20", "ms_p80", "err", "tol",
+        "ref_dtype", "peak_mb", "bytes", "flops", "gbps", "tflops", "x_floor", "note", "config"}
+
+
+def test_benchmarks_smoke(tmp_path):
+    env = dict(os.environ)
+    # the Triton interpreter makes this 3x slower; the kernels' own tests cover it
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"),
+                           "--smoke", "--inject-wrong", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = glob.glob(str(tmp_path / "*-smoke.json"))
+    data = json.load(open(path))
+    assert data["meta"]["smoke"] is True and data["meta"]["torch"]
+    rows = data["rows"]
+    assert rows and all(KEYS <= set(r) for r in rows)
+    ops = {r["op"] for r in rows}
+    assert {"partial_global", "band"} <= ops
+    if "pooling" not in ops:  # pooling ops not importable yet: the skip must say why
+        assert data["scripts"]["pooling"]["skipped"] or data["scripts"]["pooling"]["unavailable"]
+
+    for op in ops:
+        op_rows = [r for r in rows if r["op"] == op]
+        wrong = [r for r in op_rows if r["provider"].startswith("wrong[")]
+        assert wrong and all(r["status"].startswith("WRONG (") for r in wrong), wrong
+        assert all(r["ms"] is None and r["err"] > r["tol"] for r in wrong)
+        # the float64-checked baselines and the reference backend pass the gate and are timed
+        for prov in ("ours[reference]", "pargo-eager" if op != "pooling" else "deco-eager"):
+            ok = [r for r in op_rows if r["provider"] == prov]
+            assert ok and all(r["status"] == "ok" and r["ms"] is not None and r["err"] <= r["tol"]
+                              for r in ok), (prov, ok)
+        assert {r["mode"] for r in op_rows} == {"fwd", "bwd", "fwd+bwd"}
+    # providers that cannot run say why instead of failing
+    assert all(r["status"].startswith(("ok", "WRONG (", "n/a (")) for r in rows), \
+        [r for r in rows if not r["status"].startswith(("ok", "WRONG (", "n/a ("))]
+
+    md = open(path[:-5] + ".md").read()
+    assert "SMOKE RUN" in md and "| case |" in md and "WRONG (" in md
