@@ -168,3 +168,14 @@ def test_paper_shape_full_batch_on_gpu():
     for dtype in (torch.bfloat16, torch.float16):
         _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 288, backend=be), mask,
                256, 8, 64, 64, dtype, "cuda", "triton")
+
+
+@pytest.mark.parametrize("head_dim", [16, 96, 256])
+def test_head_dim_range(head_dim, device):
+    """Both ends of the supported head dims (16..256) and a non-power of two, both ops."""
+    mask = PartialGlobalMask(21, 40, 17)
+    _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 17, backend=be), mask, 1, 2,
+           head_dim, head_dim, torch.float16, device, "triton")
+    band = BandMask(40, 6, 3)
+    _check(lambda q, k, v, be: pk.band_attention(q, k, v, (6, 3), backend=be), band, 1, 2,
+           head_dim, head_dim, torch.bfloat16, device, "triton")
