@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import (PROVIDER_SECONDS, REF_CHUNK_ELEMS, Case, NotAvailable, Provider, bench,
-                    chunked_reference)
+from common import (PROVIDER_SECONDS, REF_CHUNK_ELEMS, Case, NotAvailable, Provider,
+                    backend_refusals_as_not_available, bench, chunked_reference)
 from pargo_kernels.reference import masked_attention
 
 FLEX_BLOCK_SIZES = (128, 64)
@@ -75,25 +75,12 @@ def attention_case(op: str, name: str, group: str, mask, B: int, H: int, D: int,
 # --------------------------------------------------------------------------------------------
 # providers
 # --------------------------------------------------------------------------------------------
-def _refusal(exc: Exception) -> Optional[str]:
-    msg = str(exc)
-    for key in ("cannot serve", "not implemented", "no backend can serve"):
-        if key in msg:
-            return msg.split(": ", 1)[-1][:200]
-    return None
-
-
 def ours(backend: str, op: Callable) -> Provider:
     """``op(q, k, v, case, backend)`` calls the package's public function."""
     def setup(case):
         def fn(q, k, v):
-            try:
+            with backend_refusals_as_not_available():
                 return op(q, k, v, case, backend)
-            except ValueError as exc:
-                why = _refusal(exc)
-                if why:
-                    raise NotAvailable(f"refused: {why}") from exc
-                raise
         return fn
     return Provider(f"ours[{backend}]", setup)
 

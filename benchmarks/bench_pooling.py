@@ -86,12 +86,6 @@ def pooling_case(name, b, in_grid, out_grid, c, n, args) -> Case:
                 ref_elems=0, extra=dict(in_grid=in_grid, out_grid=out_grid))
 
 
-def _refusal(exc):
-    msg = str(exc)
-    return msg.split(": ", 1)[-1][:200] if ("cannot serve" in msg or "not implemented" in msg
-                                            or "no backend" in msg) else None
-
-
 def ours(backend, pk_ops, fused=True) -> Provider:
     def setup(case):
         if pk_ops is None:
@@ -99,17 +93,12 @@ def ours(backend, pk_ops, fused=True) -> Provider:
         ig, og = case.extra["in_grid"], case.extra["out_grid"]
 
         def fn(x, w, bias):
-            try:
+            with common.backend_refusals_as_not_available():
                 if fused:
                     return pk_ops.adaptive_avg_pool_project(x, w, bias, in_grid=ig, out_grid=og,
                                                             backend=backend)
                 pooled = pk_ops.adaptive_avg_pool_tokens(x, ig, og, backend=backend)
                 return F.linear(pooled, w, bias)
-            except ValueError as exc:
-                why = _refusal(exc)
-                if why:
-                    raise NotAvailable(f"refused: {why}") from exc
-                raise
         return fn
     name = f"ours[{backend}]" if fused else f"ours-unfused[{backend}]"
     return Provider(name, setup, note=lambda case: "fused pool+GEMM" if fused else

@@ -28,6 +28,7 @@ read once and each output written once; useful FLOPs count only allowed (unmaske
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -252,6 +253,19 @@ def measure_ceilings(args) -> dict:
 # --------------------------------------------------------------------------------------------
 class NotAvailable(Exception):
     """A provider cannot serve this case (not installed, refused, unsupported): not an error."""
+
+
+@contextlib.contextmanager
+def backend_refusals_as_not_available():
+    """Turn a pargo_kernels backend refusal (a ValueError saying why the backend cannot serve
+    the input) into NotAvailable; any other error propagates."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        if any(key in msg for key in ("cannot serve", "not implemented", "no backend can serve")):
+            raise NotAvailable("refused: " + msg.split(": ", 1)[-1][:200]) from exc
+        raise
 
 
 @dataclass
