@@ -1,0 +1,17 @@
+"""Drop-in vision-language projectors built on pargo_kernels, selectable by name.
+
+>>> from models import build_projector
+>>> proj = build_projector("pargo", vision_width=1024, llm_width=4096, visual_grid=(24, 24))
+>>> proj.num_visual_tokens
+304
+
+Input ``[B, Nv, vision_width]`` patch tokens (row-major ``visual_grid``, CLS dropped), output
+``[B, num_visual_tokens, llm_width]``. ``proj.config`` rebuilds it (``projector_from_config``).
+"""
+from .mlp import LinearProjector, MLP2xGELUProjector, MLPProjector
+from .registry import (build_projector, load_projector_config, projector_from_config,
+                       projector_names, register_projector, save_projector_config)
+
+__all__ = ["build_projector", "projector_from_config", "projector_names", "register_projector",
+           "save_projector_config", "load_projector_config", "MLPProjector",
+           "MLP2xGELUProjector", "LinearProjector"]
