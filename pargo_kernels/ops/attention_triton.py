@@ -169,25 +169,6 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["H", "Nq"])
-def _attn_bwd_delta_kernel(
-    O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
-    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """delta[row] = sum_d O[row, d] * dO[row, d], the softmax-backward row term."""
-    bh = tl.program_id(0).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dv = tl.arange(0, BLOCK_DV)
-    ok = (rows[:, None] < Nq) & (dv[None, :] < DV)
-    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, mask=ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod, mask=ok,
-                 other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * Nq + rows, delta, mask=rows < Nq)
-
-
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -207,10 +188,27 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
                  mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + bh * Nq + rows, mask=valid, other=0.0)
-    delta = tl.load(DELTA + bh * Nq + rows, mask=valid, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
+    # Pass 1: delta = rowsum(P * dP) from the fp32 P and dP this kernel (and the dK/dV kernel)
+    # use, not rowsum(dO * O) from the *rounded* O: with a 16-bit O the latter leaves rows of dS
+    # that do not sum to zero, an error of ~2^-8 |O| |dO| that dominates dQ and dK when the
+    # attention is sharp (5-100x PyTorch's eager bf16 error on the projector tests).
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_ok = cols < n_hi
+        k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
+                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
+        vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
+                     mask=kv_ok[None, :] & (dv[:, None] < DV), other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), tl.exp2(s - lse[:, None]), 0.0)
+        delta += tl.sum(p * _dot(do, vt, PRECISION), 1)
+    tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
+
+    # Pass 2: dQ.
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -355,10 +353,6 @@ def tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
-def delta_block_m(block_dv: int) -> int:
-    return max(16, min(128, 4096 // block_dv))
-
-
 def _precision(dtype: torch.dtype, interpret: bool = False) -> str:
     # fp32 inputs are computed exactly in fp32 (no silent TF32); 16-bit inputs use tensor cores.
     if interpret and dtype == torch.bfloat16:
@@ -418,11 +412,8 @@ def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float):
     if B * H == 0:
         return dq, dk, dv
     block_d, block_dv = block_dims(D, DV)
+    # written by the dQ kernel, read by the dK/dV kernel (same stream, so ordered)
     delta = _empty((B, H, Nq), torch.float32, q.device)
-    block_m = delta_block_m(block_dv)
-    _attn_bwd_delta_kernel[(B * H, triton.cdiv(Nq, block_m))](
-        out, do, delta, *_strides(out), *_strides(do), H, Nq, DV=DV, BLOCK_M=block_m,
-        BLOCK_DV=block_dv)
     mask_args = _mask_scalars(kind, params)
     common = dict(qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"), **mask_args)
@@ -446,9 +437,6 @@ def aot_specs():
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32", DELTA="fp32")
         for block_d in (16, 32, 64, 128, 256):
-            yield (_attn_bwd_delta_kernel, ptrs,
-                   dict(DV=block_d, BLOCK_M=delta_block_m(block_d), BLOCK_DV=block_d),
-                   dict(num_warps=4, num_stages=1), f"{ty} d={block_d}")
             for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
                 for kernel, which in ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dq_kernel, "dq"),
                                       (_attn_bwd_dkdv_kernel, "dkdv")):
