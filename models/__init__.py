@@ -7,11 +7,18 @@
 
 Input ``[B, Nv, vision_width]`` patch tokens (row-major ``visual_grid``, CLS dropped), output
 ``[B, num_visual_tokens, llm_width]``. ``proj.config`` rebuilds it (``projector_from_config``).
+
+Registered: ``"pargo"``, ``"qformer"``, ``"deco"``, ``"cabstractor"``, ``"mlp2x_gelu"``,
+``"linear"``.
 """
+from .cabstractor import CAbstractor
+from .deco import DeCoProjector
 from .mlp import LinearProjector, MLP2xGELUProjector, MLPProjector
+from .pargo import ParGoProjector, QFormerProjector
 from .registry import (build_projector, load_projector_config, projector_from_config,
                        projector_names, register_projector, save_projector_config)
 
 __all__ = ["build_projector", "projector_from_config", "projector_names", "register_projector",
-           "save_projector_config", "load_projector_config", "MLPProjector",
+           "save_projector_config", "load_projector_config", "ParGoProjector",
+           "QFormerProjector", "DeCoProjector", "CAbstractor", "MLPProjector",
            "MLP2xGELUProjector", "LinearProjector"]

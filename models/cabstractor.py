@@ -1,0 +1,133 @@
+"""Honeybee's C-Abstractor: convolutional (ResNet / RegNet bottleneck) blocks on the patch grid,
+adaptive average pooling to ``num_queries`` tokens, more blocks, and an MLP read-out.
+
+The pooling runs through :func:`pargo_kernels.adaptive_avg_pool_tokens` with ``impl="kernels"``
+(``F.adaptive_avg_pool2d`` with ``impl="reference"``); the convolutions are cuDNN's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pargo_kernels import adaptive_avg_pool_tokens
+
+from .common import Projector, check_grid, check_impl, check_pos_int
+from .pargo import BACKENDS
+from .registry import register_projector
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``[B, C, H, W]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Bottleneck(nn.Module):
+    """RegNet-style bottleneck (as timm's ``RegStage`` blocks that Honeybee stacks): 1x1 conv,
+    3x3 conv, squeeze-excitation, 1x1 conv, LayerNorm2d after each conv, SiLU, residual (a 1x1
+    conv + norm on the shortcut when the width changes)."""
+
+    def __init__(self, c_in: int, c_out: int, se_ratio: float = 0.25):
+        super().__init__()
+        mid = c_out
+        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.norm1 = LayerNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+        self.norm2 = LayerNorm2d(mid)
+        se = max(1, int(round(c_in * se_ratio)))
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(mid, se, 1), nn.SiLU(),
+                                nn.Conv2d(se, mid, 1), nn.Sigmoid())
+        self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
+        self.norm3 = LayerNorm2d(c_out)
+        self.shortcut = nn.Identity() if c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, bias=False), LayerNorm2d(c_out))
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.norm1(self.conv1(x)))
+        h = self.act(self.norm2(self.conv2(h)))
+        h = h * self.se(h)
+        h = self.norm3(self.conv3(h))
+        return self.act(h + self.shortcut(x))
+
+
+def _stage(depth: int, c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(*(Bottleneck(c_in if i == 0 else c_out, c_out) for i in range(depth)))
+
+
+@register_projector("cabstractor")
+class CAbstractor(Projector):
+    """Args:
+        vision_width, llm_width, visual_grid: as every projector.
+        num_queries: output tokens, a perfect square (Honeybee: 144 or 256); or
+            ``query_grid=(rows, cols)``.
+        hidden: width of the convolutional stages (Honeybee: 1024). depth: blocks per stage
+            (Honeybee: 3). mlp_depth: Linear layers of the read-out (Honeybee: 2, GELU between).
+        pos_emb: add a learnable position embedding to the input tokens (Honeybee does).
+        impl / backend: pooling by ``adaptive_avg_pool_tokens`` (``"kernels"``) or
+            ``F.adaptive_avg_pool2d`` (``"reference"``).
+    """
+
+    def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
+                 num_queries: Optional[int] = 144, query_grid=None, hidden: int = 1024,
+                 depth: int = 3, mlp_depth: int = 2, pos_emb: bool = True,
+                 impl: str = "kernels", backend: str = "auto"):
+        vision_width, llm_width, hidden, depth, mlp_depth = (check_pos_int(n, v) for n, v in (
+            ("vision_width", vision_width), ("llm_width", llm_width), ("hidden", hidden),
+            ("depth", depth), ("mlp_depth", mlp_depth)))
+        visual_grid = check_grid("visual_grid", visual_grid)
+        if query_grid is not None:
+            query_grid = check_grid("query_grid", query_grid)
+        else:
+            num_queries = check_pos_int("num_queries", num_queries)
+            side = math.isqrt(num_queries)
+            if side * side != num_queries:
+                raise ValueError(f"num_queries must be a perfect square, got {num_queries}; "
+                                 "pass query_grid=(rows, cols) for another shape")
+            query_grid = (side, side)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(dict(vision_width=vision_width, llm_width=llm_width,
+                              visual_grid=list(visual_grid), query_grid=list(query_grid),
+                              hidden=hidden, depth=depth, mlp_depth=mlp_depth,
+                              pos_emb=bool(pos_emb), impl=check_impl(impl), backend=backend))
+        self.impl, self.backend, self.query_grid = impl, backend, query_grid
+        self.num_visual_tokens = query_grid[0] * query_grid[1]
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.num_input_tokens, vision_width)) \
+            if pos_emb else None
+        if self.pos_emb is not None:
+            nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        self.stage1 = _stage(depth, vision_width, hidden)
+        self.stage2 = _stage(depth, hidden, hidden)
+        readout: list[nn.Module] = [nn.Linear(hidden, llm_width)]
+        for _ in range(mlp_depth - 1):
+            readout += [nn.GELU(), nn.Linear(llm_width, llm_width)]
+        self.readout = nn.Sequential(*readout)
+
+    def forward(self, x: Tensor, impl: Optional[str] = None) -> Tensor:
+        self.check_input(x)
+        impl = check_impl(impl or self.impl)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.to(x.dtype)
+        (h, w), (qh, qw) = self.visual_grid, self.query_grid
+        b = x.shape[0]
+        img = self.stage1(x.transpose(1, 2).reshape(b, self.vision_width, h, w))
+        c = img.shape[1]
+        if impl == "kernels":
+            tokens = img.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            pooled = adaptive_avg_pool_tokens(tokens, (h, w), (qh, qw), backend=self.backend)
+            img = pooled.transpose(1, 2).reshape(b, c, qh, qw)
+        else:
+            img = F.adaptive_avg_pool2d(img, (qh, qw))
+        img = self.stage2(img)
+        return self.readout(img.flatten(2).transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pool {self.visual_grid} -> {self.query_grid}, " \
+               f"impl={self.impl!r}"
+
