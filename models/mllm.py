@@ -1,0 +1,431 @@
+"""``MLLM``: a Hugging Face vision tower, a registry projector and a Hugging Face causal LM.
+
+>>> model = MLLM.build(vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5",
+...                    projector="pargo")                                   # doctest: +SKIP
+
+``vision_tower`` / ``llm`` / ``tokenizer`` / ``image_processor`` each accept a Hugging Face name,
+a local directory written by ``save_pretrained``, a config object (built with fresh weights) or a
+ready module. Text carries ``num_visual_tokens`` copies of the image token per image (see
+:mod:`models.conversation`); ``forward`` overwrites their embeddings with the projector output.
+
+transformers / peft are imported here, so ``import models`` stays light: import this submodule
+explicitly (``from models.mllm import MLLM``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_conversation
+from .registry import build_projector, projector_from_config
+
+MLLM_CONFIG = "mllm_config.json"
+PROJECTOR_WEIGHTS = "projector.pt"
+
+
+# ----------------------------------------------------------------------------- component loaders
+def _is_path_or_name(spec) -> bool:
+    return isinstance(spec, (str, os.PathLike))
+
+
+def load_vision_tower(spec) -> nn.Module:
+    """A CLIP / SigLIP (or any HF vision) model from a name, a directory, a config or a module.
+
+    A full CLIP / SigLIP checkpoint (text + vision) gives its vision half.
+    """
+    import transformers as tf
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, tf.PretrainedConfig):
+        cfg = spec
+        if hasattr(cfg, "vision_config") and cfg.vision_config is not None:
+            cfg = cfg.vision_config
+        cls = {"clip_vision_model": tf.CLIPVisionModel,
+               "siglip_vision_model": tf.SiglipVisionModel}.get(cfg.model_type)
+        if cls is None:
+            return tf.AutoModel.from_config(cfg)
+        return cls(cfg)
+    if _is_path_or_name(spec):
+        spec = str(spec)
+        cfg = tf.AutoConfig.from_pretrained(spec)
+        if cfg.model_type in ("clip", "clip_vision_model"):
+            return tf.CLIPVisionModel.from_pretrained(spec)
+        if cfg.model_type in ("siglip", "siglip_vision_model"):
+            return tf.SiglipVisionModel.from_pretrained(spec)
+        model = tf.AutoModel.from_pretrained(spec)
+        return getattr(model, "vision_model", model)
+    raise TypeError(f"vision_tower must be a name, a path, a PretrainedConfig or an nn.Module, "
+                    f"got {type(spec).__name__}")
+
+
+def load_llm(spec) -> nn.Module:
+    """A causal LM from a name, a directory, a config (fresh weights) or a module."""
+    import transformers as tf
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, tf.PretrainedConfig):
+        return tf.AutoModelForCausalLM.from_config(spec)
+    if _is_path_or_name(spec):
+        return tf.AutoModelForCausalLM.from_pretrained(str(spec))
+    raise TypeError(f"llm must be a name, a path, a PretrainedConfig or an nn.Module, "
+                    f"got {type(spec).__name__}")
+
+
+def load_tokenizer(spec):
+    import transformers as tf
+    if _is_path_or_name(spec):
+        return tf.AutoTokenizer.from_pretrained(str(spec))
+    if hasattr(spec, "convert_tokens_to_ids"):
+        return spec
+    raise TypeError(f"tokenizer must be a name, a path or a tokenizer, got {type(spec).__name__}")
+
+
+def default_image_processor(vision_config):
+    """A ``CLIPImageProcessor`` (resize + centre crop to the tower's ``image_size``, CLIP mean/std)."""
+    import transformers as tf
+    size = int(vision_config.image_size)
+    return tf.CLIPImageProcessor(size={"shortest_edge": size},
+                                 crop_size={"height": size, "width": size})
+
+
+def load_image_processor(spec, vision_config=None):
+    import transformers as tf
+    if spec is None:
+        if vision_config is None:
+            raise ValueError("image_processor is None and there is no vision config to build one")
+        return default_image_processor(vision_config)
+    if _is_path_or_name(spec):
+        return tf.AutoImageProcessor.from_pretrained(str(spec))
+    if callable(spec):
+        return spec
+    raise TypeError(f"image_processor must be a name, a path or an image processor, "
+                    f"got {type(spec).__name__}")
+
+
+def vision_grid_of(vision_config) -> tuple[int, int]:
+    side = int(vision_config.image_size) // int(vision_config.patch_size)
+    return side, side
+
+
+# ------------------------------------------------------------------------------------------ model
+class MLLM(nn.Module):
+    """Vision tower -> projector -> causal LM, LLaVA style.
+
+    ``forward(input_ids, attention_mask, pixel_values, labels)`` returns
+    ``{"logits", "loss", "loss_sum", "num_tokens"}``; the loss is a token mean over the labels
+    that are not ``-100`` (``loss_sum`` / ``num_tokens`` let a trainer normalise over a whole
+    global batch). ``input_ids`` must contain ``num_visual_tokens`` image tokens per image, in
+    the order of ``pixel_values``. Position ids follow the attention mask, so left and right
+    padding give the same logits on real tokens.
+    """
+
+    def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module,
+                 image_token_id: int, *, vision_feature_layer: int = -2,
+                 freeze_vision_tower: bool = True, tokenizer=None, image_processor=None):
+        super().__init__()
+        for name, mod in (("vision_tower", vision_tower), ("projector", projector), ("llm", llm)):
+            if not isinstance(mod, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
+        if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
+            raise TypeError(f"vision_feature_layer must be an int, got {vision_feature_layer!r}")
+        n_layers = vision_tower.config.num_hidden_layers
+        if not -(n_layers + 1) <= vision_feature_layer <= n_layers:
+            raise ValueError(f"vision_feature_layer must be in [{-(n_layers + 1)}, {n_layers}] "
+                             f"for a {n_layers}-layer tower, got {vision_feature_layer}")
+        vocab = llm.get_input_embeddings().num_embeddings
+        if not 0 <= int(image_token_id) < vocab:
+            raise ValueError(f"image_token_id must be in [0, {vocab}), got {image_token_id}")
+        self.vision_tower, self.projector, self.llm = vision_tower, projector, llm
+        self.image_token_id = int(image_token_id)
+        self.vision_feature_layer = vision_feature_layer
+        self.visual_grid = vision_grid_of(vision_tower.config)
+        if tuple(projector.visual_grid) != self.visual_grid:
+            raise ValueError(f"projector visual_grid {tuple(projector.visual_grid)} does not match "
+                             f"the vision tower's {self.visual_grid}")
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        if freeze_vision_tower:
+            self.vision_tower.requires_grad_(False)
+
+    # -- construction
+    @classmethod
+    def build(cls, vision_tower, llm, projector: str | dict | nn.Module = "mlp2x_gelu", *,
+              tokenizer=None, image_processor=None, projector_kwargs: dict | None = None,
+              vision_feature_layer: int = -2, freeze_vision_tower: bool = True) -> "MLLM":
+        """Build from specs (see the module docstring). ``projector`` is a registry name (built
+        with the tower's width and grid and the LLM's width, plus ``projector_kwargs``), a
+        ``proj.config`` dict, or a module. ``tokenizer`` defaults to ``llm`` when that is a
+        name or path; ``<image>`` is added to it (and the LLM's embeddings resized) if missing."""
+        tower = load_vision_tower(vision_tower)
+        lm = load_llm(llm)
+        if tokenizer is None:
+            if not _is_path_or_name(llm):
+                raise ValueError("tokenizer is required when llm is not a name or a path")
+            tokenizer = llm
+        tok = load_tokenizer(tokenizer)
+        n_vocab = lm.get_input_embeddings().num_embeddings
+        image_token_id = ensure_image_token(tok, lm)
+        llm_resized = lm.get_input_embeddings().num_embeddings != n_vocab
+        if tok.pad_token is None:
+            tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        grid = vision_grid_of(tower.config)
+        if isinstance(projector, str):
+            proj = build_projector(projector, vision_width=tower.config.hidden_size,
+                                   llm_width=lm.get_input_embeddings().embedding_dim,
+                                   visual_grid=grid, **(projector_kwargs or {}))
+        elif isinstance(projector, dict):
+            proj = projector_from_config(projector)
+        elif isinstance(projector, nn.Module):
+            proj = projector
+        else:
+            raise TypeError(f"projector must be a name, a config dict or an nn.Module, "
+                            f"got {type(projector).__name__}")
+        proc = load_image_processor(image_processor, tower.config)
+        model = cls(tower, proj, lm, image_token_id, vision_feature_layer=vision_feature_layer,
+                    freeze_vision_tower=freeze_vision_tower, tokenizer=tok, image_processor=proc)
+        model.llm_resized = llm_resized
+        return model
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return int(self.projector.num_visual_tokens)
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.llm, "peft_config")
+
+    def config_dict(self) -> dict:
+        return {"projector": self.projector.config, "vision_feature_layer":
+                self.vision_feature_layer, "image_token": IMAGE_PLACEHOLDER,
+                "image_token_id": self.image_token_id,
+                "num_visual_tokens": self.num_visual_tokens}
+
+    # -- LoRA
+    def apply_lora(self, r: int = 256, alpha: int = 512, dropout: float = 0.05,
+                   target_modules="all-linear") -> None:
+        """Wrap the LLM with peft LoRA adapters (every linear layer but the LM head); the base
+        LLM weights are frozen, the adapters trainable."""
+        from peft import LoraConfig, get_peft_model
+        if self.is_lora:
+            raise ValueError("the LLM already has LoRA adapters")
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                         target_modules=target_modules, task_type="CAUSAL_LM")
+        self.llm = get_peft_model(self.llm, cfg)
+
+    def load_lora(self, adapter_dir, is_trainable: bool = False) -> None:
+        from peft import PeftModel
+        if self.is_lora:
+            raise ValueError("the LLM already has LoRA adapters")
+        self.llm = PeftModel.from_pretrained(self.llm, str(adapter_dir), is_trainable=is_trainable)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM weights (in place); the LLM becomes a plain
+        ``PreTrainedModel`` again."""
+        if not self.is_lora:
+            raise ValueError("the LLM has no LoRA adapters to merge")
+        self.llm = self.llm.merge_and_unload()
+
+    # -- forward
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` -> ``[N, num_visual_tokens, llm_width]``."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [N, 3, H, W], got {tuple(pixel_values.shape)}")
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
+                                    output_hidden_states=True)
+            feats = out.hidden_states[self.vision_feature_layer]
+        grid_tokens = self.visual_grid[0] * self.visual_grid[1]
+        if feats.shape[1] == grid_tokens + 1:  # CLS first (CLIP)
+            feats = feats[:, 1:]
+        elif feats.shape[1] != grid_tokens:
+            raise ValueError(f"vision tower gave {feats.shape[1]} tokens, expected {grid_tokens} "
+                             f"(+1 CLS) for grid {self.visual_grid}")
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """Token embeddings with the image tokens replaced by the projector output."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_img_tokens = int(is_image.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_img_tokens != n_images * self.num_visual_tokens:
+            raise ValueError(f"input_ids hold {n_img_tokens} image tokens but pixel_values has "
+                             f"{n_images} images x {self.num_visual_tokens} visual tokens")
+        if n_images == 0:
+            return embeds
+        visual = self.encode_images(pixel_values).to(embeds.dtype)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, labels: Tensor | None = None) -> dict:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, pixel_values)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False).logits
+        out = {"logits": logits}
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:]
+            loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                       shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+            num = (shift_labels != IGNORE_INDEX).sum()
+            out.update(loss_sum=loss_sum, num_tokens=num, loss=loss_sum / num.clamp(min=1))
+        return out
+
+    # -- generation
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                 **generate_kwargs) -> Tensor:
+        """Batched generation from left-padded prompts; returns only the new token ids."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left padding (attention_mask[:, -1] must be all 1)")
+        embeds = self.embed(input_ids, pixel_values)
+        generate_kwargs.setdefault("do_sample", False)
+        tok = self.tokenizer
+        if tok is not None:
+            generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+            generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                 **generate_kwargs)
+
+    def preprocess_images(self, images) -> Tensor:
+        if self.image_processor is None:
+            raise ValueError("this MLLM has no image_processor")
+        return self.image_processor(images=[im.convert("RGB") for im in images],
+                                    return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def chat(self, images, questions: list[str], *, template: str = "vicuna_v1",
+             max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
+        """Answer ``questions[i]`` about PIL image ``images[i]`` (``<image>`` is prepended to a
+        question that lacks it). Returns the decoded answers."""
+        if self.tokenizer is None:
+            raise ValueError("this MLLM has no tokenizer")
+        if len(images) != len(questions):
+            raise ValueError(f"images and questions must have the same length, got "
+                             f"{len(images)} and {len(questions)}")
+        seqs = []
+        for q in questions:
+            if IMAGE_PLACEHOLDER not in q:
+                q = IMAGE_PLACEHOLDER + "\n" + q
+            seqs.append(tokenize_conversation(
+                self.tokenizer, [{"from": "human", "value": q}], image_token_id=self.image_token_id,
+                num_image_tokens=self.num_visual_tokens, template=template,
+                for_generation=True)["input_ids"])
+        width = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        device = next(self.llm.parameters()).device
+        pix = self.preprocess_images(images).to(device)
+        out = self.generate(ids.to(device), mask.to(device), pix, max_new_tokens=max_new_tokens,
+                            **generate_kwargs)
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # -- persistence
+    def save_pretrained(self, path) -> None:
+        """Self-contained directory: the LLM (``AutoModelForCausalLM.from_pretrained(path)``
+        loads it), tokenizer and image processor at the top level, ``vision_tower/``,
+        ``projector.pt`` and ``mllm_config.json``. LoRA models must be merged first."""
+        if self.is_lora:
+            raise ValueError("merge_lora() before save_pretrained (or save the adapter with "
+                             "model.llm.save_pretrained)")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.llm.save_pretrained(path)
+        self.vision_tower.save_pretrained(path / "vision_tower")
+        torch.save(self.projector.state_dict(), path / PROJECTOR_WEIGHTS)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        if self.image_processor is not None and hasattr(self.image_processor, "save_pretrained"):
+            self.image_processor.save_pretrained(path)
+        with open(path / MLLM_CONFIG, "w") as f:
+            json.dump(self.config_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, path, torch_dtype=None) -> "MLLM":
+        path = Path(path)
+        if not (path / MLLM_CONFIG).is_file():
+            raise ValueError(f"path {str(path)!r} has no {MLLM_CONFIG} (not an MLLM directory)")
+        with open(path / MLLM_CONFIG) as f:
+            cfg = json.load(f)
+        import transformers as tf
+        llm = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tower = load_vision_tower(path / "vision_tower")
+        proc = (tf.AutoImageProcessor.from_pretrained(path)
+                if (path / "preprocessor_config.json").is_file() else None)
+        model = cls.build(tower, llm, cfg["projector"], tokenizer=path, image_processor=proc,
+                          vision_feature_layer=cfg["vision_feature_layer"])
+        model.projector.load_state_dict(torch.load(path / PROJECTOR_WEIGHTS, map_location="cpu"))
+        return model
+
+
+def ensure_image_token(tokenizer, llm: nn.Module) -> int:
+    """The id of ``<image>`` in ``tokenizer``, adding it (and resizing the LLM's embeddings) if
+    missing."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if tid is None or tid == tokenizer.unk_token_id:
+        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+        tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if tid >= llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    return int(tid)
+
+
+# ------------------------------------------------------------------------- tiny in-code models
+_BASE_WORDS = ("A a chat between curious user and an artificial intelligence assistant The "
+               "gives helpful detailed polite answers to the user s questions USER ASSISTANT "
+               "Is there in this image Please answer yes or no Yes No What . , ' ? : !").split()
+
+
+def word_level_tokenizer(words=(), *, model_max_length: int = 4096):
+    """A ``WordLevel`` tokenizer (words and punctuation split) (``PreTrainedTokenizerFast``) built in code, with
+    ``<unk> <pad> <s> </s> <image>`` special tokens and the vicuna template's words."""
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
+    vocab: dict[str, int] = {}
+    for w in [*specials, *_BASE_WORDS, *words]:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(tmodels.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<s>", eos_token="</s>",
+                                  model_max_length=model_max_length)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    return tok
+
+
+def tiny_components(words=(), *, image_size: int = 28, patch_size: int = 4,
+                    vision_hidden: int = 32, vision_layers: int = 2, llm_hidden: int = 64,
+                    llm_layers: int = 2) -> dict:
+    """Configs and objects for a tiny MLLM built entirely in code (no download):
+    ``{"vision_tower": CLIPVisionConfig, "llm": LlamaConfig, "tokenizer", "image_processor"}``,
+    ready for ``MLLM.build(**tiny_components())`` or ``TrainConfig(**tiny_components(), ...)``."""
+    import transformers as tf
+    tok = word_level_tokenizer(words)
+    vc = tf.CLIPVisionConfig(image_size=image_size, patch_size=patch_size,
+                             hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                             num_hidden_layers=vision_layers, num_attention_heads=2)
+    lc = tf.LlamaConfig(vocab_size=len(tok), hidden_size=llm_hidden,
+                        intermediate_size=2 * llm_hidden, num_hidden_layers=llm_layers,
+                        num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        tie_word_embeddings=False)
+    return {"vision_tower": vc, "llm": lc, "tokenizer": tok,
+            "image_processor": default_image_processor(vc)}
