@@ -10,9 +10,9 @@
 
 #include <cuda_runtime.h>
 
-namespace pargo {
+#include "common.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace pargo {
 
 struct PoolGeometry {
   int64_t batch;     // B

@@ -17,13 +17,18 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _cuda
 from ._validate import check_int, check_same, check_scale, check_tensor
 from .masks import BandMask, PartialGlobalMask
 from .reference import masked_attention
 
 MAX_HEAD_DIM = 256
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What the hand-written CUDA kernels (csrc/attention_*.cu) serve: tensor-core mma.sync on sm_80+.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_MIN_CAPABILITY = (8, 0)
+_CUDA_MAX_TILES = 65535  # grid y: query tiles of 64 rows (fwd, dQ), key tiles of 64 (dK/dV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,6 +44,8 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, kind: int, params: list[int], scale
             backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         return _triton().attention_forward(q, k, v, kind, params, scale)
+    if backend == "cuda":
+        return _cuda.ops().attention_fwd(q, k, v, kind, params, scale)
     raise ValueError(f"pargo::masked_attention_fwd: unknown backend {backend!r}")
 
 
@@ -54,6 +61,8 @@ def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
             params: list[int], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         return _triton().attention_backward(dout, q, k, v, out, lse, kind, params, scale)
+    if backend == "cuda":
+        return _cuda.ops().attention_bwd(dout, q, k, v, out, lse, kind, params, scale)
     raise ValueError(f"pargo::masked_attention_bwd: unknown backend {backend!r}")
 
 
@@ -93,7 +102,38 @@ def _triton_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
 
 
 def _cuda_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
-    return ["the CUDA attention kernels are not implemented yet (csrc/ has none)"]
+    why = []
+    if q.dtype == torch.float32:
+        why.append("fp32 uses the Triton backend (the CUDA kernels are fp16/bf16 tensor-core "
+                   "kernels)")
+    elif q.dtype not in CUDA_DTYPES:
+        why.append(f"dtype {q.dtype} is not supported (float16, bfloat16)")
+    if q.shape[3] not in CUDA_HEAD_DIMS:
+        why.append(f"head dim {q.shape[3]} is not supported (the CUDA kernels are built for "
+                   f"{', '.join(map(str, CUDA_HEAD_DIMS))}; other head dims use the Triton "
+                   "backend)")
+    if v.shape[3] != q.shape[3]:
+        why.append(f"value head dim Dv = {v.shape[3]} differs from D = {q.shape[3]} (the CUDA "
+                   "kernels need Dv == D)")
+    if -(-q.shape[2] // 64) > _CUDA_MAX_TILES or -(-k.shape[2] // 64) > _CUDA_MAX_TILES:
+        why.append(f"Nq = {q.shape[2]} or Nv = {k.shape[2]} exceeds {_CUDA_MAX_TILES} tiles of 64")
+    ext = _cuda.cuda_extension_reasons([q, k, v])
+    why += ext
+    if not ext:
+        cap = torch.cuda.get_device_capability(q.device)
+        if cap < CUDA_MIN_CAPABILITY:
+            why.append(f"the CUDA kernels need sm_80 or newer (mma.sync bf16), device is "
+                       f"sm_{cap[0]}{cap[1]}")
+    return why
+
+
+# ``auto`` on CUDA tensors picks whichever of "cuda" / "triton" is faster *as measured*, never
+# by guess (issue 5, requirement 3). No GPU session has yet measured the CUDA kernels against
+# the Triton ones (benchmarks/bench_partial_global.py and bench_band.py, provider
+# "ours[cuda]" vs "ours[triton]", results committed under benchmarks/results/), so Triton comes
+# first. The first GPU session that commits those numbers must set this order from them (per
+# op, dtype and head dim if the winner differs) and cite the results file here.
+_AUTO_PREFERENCE_CUDA_TENSORS = ("triton", "cuda", "reference")
 
 
 def _run(op: str, q: Tensor, k: Tensor, v: Tensor, mask, scale: float, backend: str) -> Tensor:
@@ -102,7 +142,7 @@ def _run(op: str, q: Tensor, k: Tensor, v: Tensor, mask, scale: float, backend: 
         reasons={"cuda": lambda: _cuda_reasons(q, k, v),
                  "triton": lambda: _triton_reasons(q, k, v),
                  "reference": lambda: []},
-        preference=("cuda", "triton", "reference") if q.is_cuda else ("reference",))
+        preference=_AUTO_PREFERENCE_CUDA_TENSORS if q.is_cuda else ("reference",))
     if chosen == "reference":
         return masked_attention(q, k, v, mask.materialize(q.device), scale)
     out, _ = _fwd_op(q, k, v, mask.kind, list(mask.params), scale, chosen)
@@ -146,7 +186,9 @@ def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
             grid (row-major); give both for 2-D windows (those of ``adaptive_avg_pool2d``).
         backend: ``"auto"`` (CUDA tensors: Triton; CPU: reference), ``"triton"`` (on CPU tensors
             only under ``TRITON_INTERPRET=1``), ``"reference"`` (dense-mask eager PyTorch) or
-            ``"cuda"``. ``PARGO_BACKEND`` pins the backend of ``"auto"`` calls.
+            ``"cuda"`` (csrc/attention_*.cu: fp16/bf16, head dims 64 and 128 with ``Dv == D``,
+            sm_80+, the extension built). ``PARGO_BACKEND`` pins the backend of ``"auto"``
+            calls.
 
     Windows (1-D): partial query ``i`` attends to keys ``[floor(i*Nv/Np), floor((i+1)*Nv/Np))``;
     global queries attend to all keys. With ``Np = 4, Ng = 2, Nv = 8``::
@@ -205,8 +247,10 @@ def cascade_windows(n_partial: int, n_layers: int, mode: str = "causal") -> list
     """Per-layer band windows of ParGo's cascade: layer ``l`` (1-based) of ``d`` lets each partial
     token see ``n_vis = ceil(l * n_partial / d)`` adjacent tokens (itself included).
 
-    Rounding: ``ceil``, so the last layer always sees all ``n_partial`` tokens and the first at
-    least one; when ``d`` divides ``n_partial`` it is the paper's ``l * n_partial / d`` exactly.
+    Rounding: ``ceil``, so the last layer's band is ``n_partial`` wide and the first at least
+    one; when ``d`` divides ``n_partial`` it is the paper's ``l * n_partial / d`` exactly. A band
+    is clipped at the ends of the sequence (it is not shifted inwards), so tokens near an end see
+    fewer than ``n_vis`` tokens.
 
     * ``"causal"``: ``(n_vis - 1, 0)``, the token and the ``n_vis - 1`` before it;
     * ``"symmetric"``: ``n_vis - 1`` split around the token, the odd one to the left:

@@ -152,3 +152,34 @@ def test_backend_pinned_by_environment(monkeypatch):
     monkeypatch.setenv("PARGO_BACKEND", "reference")
     out = pk.partial_global_attention(q, k, v, 2)
     assert out.shape == (2, 3, 6, 16)
+
+
+def test_cuda_backend_refusals_name_the_reason():
+    """backend="cuda" explains every reason it cannot serve a call (here: CPU tensors, the
+    extension not built on a CPU-only machine, and the input's own limits)."""
+    from pargo_kernels import _cuda
+    q, k, v = _qkv(d=64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="CUDA kernels need CUDA tensors, got device cpu"):
+        pk.partial_global_attention(q, k, v, 2, backend="cuda")
+    if _cuda.cuda_extension_reasons():
+        with pytest.raises(ValueError, match=r"pargo_kernels\._C"):
+            pk.partial_global_attention(q, k, v, 2, backend="cuda")
+    q, k, v = _qkv(d=64)
+    with pytest.raises(ValueError, match="fp32 uses the Triton backend"):
+        pk.partial_global_attention(q, k, v, 2, backend="cuda")
+    q, k, v = _qkv(nq=8, d=80, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"head dim 80 is not supported .*64, 128"):
+        pk.band_attention(q, k, v, (1, 1), backend="cuda")
+    q, k, v = _qkv(d=64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="Dv = 32 differs from D = 64"):
+        pk.partial_global_attention(q, k, v[..., :32], 2, backend="cuda")
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        pk.partial_global_attention(q.double(), k.double(), v.double(), 2, backend="cuda")
+
+
+def test_auto_does_not_prefer_cuda_until_measured():
+    """Issue 5, requirement 3: ``auto`` picks cuda over triton only once committed benchmark
+    results show it faster; none are committed yet, so Triton comes first on CUDA tensors."""
+    from pargo_kernels import attention
+    pref = attention._AUTO_PREFERENCE_CUDA_TENSORS
+    assert pref.index("triton") < pref.index("cuda")
