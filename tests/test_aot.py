@@ -15,7 +15,8 @@ def test_aot_compiles_every_kernel_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.read_text())
     kernels = {r["kernel"] for r in rows}
-    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"} <= kernels
+    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
+            "_attn_bwd_delta_kernel"} <= kernels
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:
         assert r["ok"] and r["spill_bytes"] == 0, r

@@ -169,6 +169,26 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["H", "Nq"])
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[row] = sum_d O[row, d] * dO[row, d]: the softmax-backward row term for fp32 inputs,
+    whose O is not rounded (16-bit inputs compute delta in the dQ kernel, see there)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < Nq) & (dv[None, :] < DV)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod, mask=ok,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Nq + rows, delta, mask=rows < Nq)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -177,6 +197,7 @@ def _attn_bwd_dq_kernel(
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    DELTA_PASS: tl.constexpr,
 ):
     bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi = _query_program(
         H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
@@ -191,12 +212,16 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    # Pass 1: delta = rowsum(P * dP) from the fp32 P and dP this kernel (and the dK/dV kernel)
-    # use, not rowsum(dO * O) from the *rounded* O: with a 16-bit O the latter leaves rows of dS
-    # that do not sum to zero, an error of ~2^-8 |O| |dO| that dominates dQ and dK when the
-    # attention is sharp (5-100x PyTorch's eager bf16 error on the projector tests).
-    delta = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
+    # Pass 1 (DELTA_PASS, 16-bit inputs): delta = rowsum(P * dP) from the fp32 P and dP this
+    # kernel (and the dK/dV kernel) use, not rowsum(dO * O) from the *rounded* O: with a 16-bit O
+    # the latter leaves rows of dS that do not sum to zero, an error of ~2^-8 |O| |dO| that
+    # dominates dQ and dK when attention is sharp (5-100x PyTorch's eager bf16 error on the
+    # projector tests). fp32 inputs keep O unrounded: their delta comes from the delta kernel.
+    if DELTA_PASS:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        delta = tl.load(DELTA + bh * Nq + rows, mask=valid, other=0.0)
+    for n0 in range(n_lo, n_hi if DELTA_PASS else n_lo, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_ok = cols < n_hi
         k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
@@ -206,7 +231,8 @@ def _attn_bwd_dq_kernel(
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), tl.exp2(s - lse[:, None]), 0.0)
         delta += tl.sum(p * _dot(do, vt, PRECISION), 1)
-    tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
+    if DELTA_PASS:
+        tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
 
     # Pass 2: dQ.
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -333,7 +359,7 @@ _CONFIGS = {
                  256: (16, 32, 8, 1)},
     },
     "dq": {
-        "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2),
+        "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2),
                   256: (32, 32, 8, 1)},
         "fp32": {16: (32, 32, 8, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1),
                  256: (16, 32, 8, 1)},
@@ -351,6 +377,10 @@ def tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
     """Launch configuration of ``kernel`` ("fwd", "dq", "dkdv") for a padded head dim."""
     m, n, warps, stages = _CONFIGS[kernel]["fp32" if dtype == torch.float32 else "16bit"][block_d]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+def delta_block_m(block_dv: int) -> int:
+    return max(16, min(128, 4096 // block_dv))
 
 
 def _precision(dtype: torch.dtype, interpret: bool = False) -> str:
@@ -412,15 +442,22 @@ def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float):
     if B * H == 0:
         return dq, dk, dv
     block_d, block_dv = block_dims(D, DV)
-    # written by the dQ kernel, read by the dK/dV kernel (same stream, so ordered)
+    # delta: written by the delta kernel (fp32) or the dQ kernel's first pass (16-bit), read by
+    # the dK/dV kernel (same stream, so ordered)
     delta = _empty((B, H, Nq), torch.float32, q.device)
+    delta_pass = q.dtype != torch.float32
+    if not delta_pass:
+        block_m = delta_block_m(block_dv)
+        _attn_bwd_delta_kernel[(B * H, triton.cdiv(Nq, block_m))](
+            out, do, delta, *_strides(out), *_strides(do), H, Nq, DV=DV, BLOCK_M=block_m,
+            BLOCK_DV=block_dv)
     mask_args = _mask_scalars(kind, params)
     common = dict(qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"), **mask_args)
     cfg = tile_config("dq", max(block_d, block_dv), q.dtype)
     _attn_bwd_dq_kernel[(B * H, num_query_tiles(kind, Nq, params[0], cfg["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), H, Nq, Nv, **common, **cfg)
+        *_strides(dq), H, Nq, Nv, DELTA_PASS=delta_pass, **common, **cfg)
     cfg = tile_config("dkdv", max(block_d, block_dv), q.dtype)
     _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(Nv, cfg["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
@@ -437,6 +474,10 @@ def aot_specs():
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32", DELTA="fp32")
         for block_d in (16, 32, 64, 128, 256):
+            if dtype == torch.float32:
+                yield (_attn_bwd_delta_kernel, ptrs,
+                       dict(DV=block_d, BLOCK_M=delta_block_m(block_d), BLOCK_DV=block_d),
+                       dict(num_warps=4, num_stages=1), f"{ty} d={block_d}")
             for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
                 for kernel, which in ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dq_kernel, "dq"),
                                       (_attn_bwd_dkdv_kernel, "dkdv")):
@@ -444,6 +485,8 @@ def aot_specs():
                     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                     constexprs = dict(D=block_d, DV=block_d, KIND=kind, BLOCK_D=block_d,
                                       BLOCK_DV=block_d, PRECISION=_precision(dtype), **cfg)
+                    if which == "dq":
+                        constexprs["DELTA_PASS"] = dtype != torch.float32
                     label = (f"{kname} {ty} d={block_d} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} "
                              f"w={options['num_warps']} s={options['num_stages']}")
                     yield kernel, ptrs, constexprs, options, label
