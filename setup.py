@@ -80,7 +80,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark"],
-        "train": ["transformers", "peft", "accelerate"],
+        "train": ["transformers>=5.0", "peft", "accelerate", "pillow", "tqdm"],
+        "study": ["transformers>=5.0", "peft", "accelerate", "pillow", "tqdm", "scikit-learn",
+                  "matplotlib"],
         "deepspeed": ["deepspeed"],
         "xformers": ["xformers"],
     },

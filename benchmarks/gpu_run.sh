@@ -6,8 +6,9 @@
 # Writes into OUTDIR: gpu_run.log (everything), env.txt, install.log, tests.log, the benchmark
 # JSON / markdown / PNGs (<date>-<device>.*), one log per benchmark script and raw/ rows.
 # Finishes inside ~9 minutes: each step is under `timeout`; the benchmarks get what is left
-# (at most BENCH_BUDGET_S). Tunables: TEST_TIMEOUT_S (default 200), BENCH_BUDGET_S (default 290),
-# TOTAL_S (default 520).
+# (at most BENCH_BUDGET_S), then the projector training-step benchmark (PROJ_TIMEOUT_S).
+# Tunables: TEST_TIMEOUT_S (default 200), BENCH_BUDGET_S (default 230), PROJ_TIMEOUT_S (default
+# 90), TOTAL_S (default 520).
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_run.sh OUTDIR [--quick]}
 shift
@@ -18,7 +19,8 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-200}
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-290}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-230}
+PROJ_TIMEOUT_S=${PROJ_TIMEOUT_S:-90}
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 elapsed() { echo $(( $(date +%s) - START )); }
 step() { echo; echo "=== [$(elapsed) s] $*"; }
@@ -67,7 +69,7 @@ TEST_RC=$?
 set +o pipefail
 echo "tests rc=$TEST_RC (124 = timeout)"
 
-LEFT=$(( TOTAL_S - $(elapsed) - 40 ))
+LEFT=$(( TOTAL_S - $(elapsed) - 40 - PROJ_TIMEOUT_S ))
 BUDGET=$(( LEFT < BENCH_BUDGET_S ? LEFT : BENCH_BUDGET_S ))
 if [ "$BUDGET" -lt 60 ]; then
   BUDGET=60
@@ -77,6 +79,10 @@ step "benchmarks (budget ${BUDGET} s ${EXTRA[*]:-})"
 timeout $(( BUDGET + 80 )) python benchmarks/run_all.py --out "$OUT" --budget-s "$BUDGET" "${EXTRA[@]}"
 BENCH_RC=$?
 echo "benchmarks rc=$BENCH_RC (124 = timeout)"
+
+step "projector training step, kernels vs reference (timeout ${PROJ_TIMEOUT_S} s)"
+timeout "$PROJ_TIMEOUT_S" python benchmarks/bench_projectors.py --out "$OUT" \
+  --budget-s $(( PROJ_TIMEOUT_S - 25 )) 2>&1 | tee "$OUT/bench_projectors.log"
 
 step "summary"
 echo "tests: rc=$TEST_RC  $(tail -1 "$OUT/tests.log" 2>/dev/null)"

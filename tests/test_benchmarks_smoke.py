@@ -51,3 +51,21 @@ def test_benchmarks_smoke(tmp_path):
 
     md = open(path[:-5] + ".md").read()
     assert "SMOKE RUN" in md and "| case |" in md and "WRONG (" in md
+
+
+def test_projector_benchmark_smoke(tmp_path):
+    """bench_projectors.py --smoke: the kernels path of ParGo / Q-Former / DeCo runs (Triton
+    interpreter), agrees with the reference path, and the JSON + markdown are written."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_projectors.py"),
+                           "--smoke", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.load(open(tmp_path / "projectors-smoke.json"))
+    rows = data["rows"]
+    assert {r["case"] for r in rows} == {"pargo", "qformer", "deco"}
+    assert {r["provider"] for r in rows} == {"kernels", "reference"}
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0, r
+        assert 0 < r["err"] <= r["tol"], r  # bf16 kernels vs reference: close, not identical
+    assert "| pargo | 16 | kernels | ok |" in (tmp_path / "projectors-smoke.md").read_text()
