@@ -16,7 +16,7 @@ Module names follow Hugging Face's ``BertLayer`` (``query``/``key``/``value``/``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -75,13 +75,19 @@ class CrossPattern:
         return self.mask.materialize(device)
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+                    probs_hook: Optional[Callable[[Tensor], None]] = None) -> Tensor:
     """The official eager computation: scores in the input dtype, ``-inf`` where ``mask`` is
     False, softmax in fp32 rounded back to the input dtype (as BERT does under autocast), P @ V.
-    The reference path of the projectors; in float64 it is the tests' oracle."""
+    The reference path of the projectors; in float64 it is the tests' oracle.
+
+    ``probs_hook``, when given, is called with the probabilities ``P`` ``[B, H, Nq, Nk]`` (still
+    in the autograd graph, e.g. to ``retain_grad()`` them for relevance maps)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    if probs_hook is not None:
+        probs_hook(p)
     return torch.matmul(p, v)
 
 
@@ -91,7 +97,13 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 class Attention(nn.Module):
     """Multi-head attention + output projection + dropout + post-LayerNorm residual (BERT's
     ``BertAttention``). ``kv_width`` is the width of the keys' source (the vision width for
-    cross-attention)."""
+    cross-attention).
+
+    ``probs_hook`` (default None): set it to a callable to receive the attention probabilities
+    of every reference-path call (``impl="reference"``; see :func:`eager_attention`); the
+    kernels path never materialises them and ignores it."""
+
+    probs_hook: Optional[Callable[[Tensor], None]] = None
 
     def __init__(self, hidden: int, heads: int, kv_width: int, eps: float, dropout: float):
         super().__init__()
@@ -113,7 +125,8 @@ class Attention(nn.Module):
         if impl == "kernels":
             o = pattern.kernels(q, k, v, backend)
         else:
-            o = eager_attention(q, k, v, pattern.materialize(x.device))
+            o = eager_attention(q, k, v, pattern.materialize(x.device),
+                                probs_hook=self.probs_hook)
         o = o.transpose(1, 2).reshape(x.shape)
         return self.LayerNorm(x + self.dropout(self.dense(o)))
 

@@ -308,16 +308,9 @@ class MLLM(nn.Module):
         return self.image_processor(images=[im.convert("RGB") for im in images],
                                     return_tensors="pt")["pixel_values"]
 
-    @torch.no_grad()
-    def chat(self, images, questions: list[str], *, template: str = "vicuna_v1",
-             max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
-        """Answer ``questions[i]`` about PIL image ``images[i]`` (``<image>`` is prepended to a
-        question that lacks it). Returns the decoded answers."""
-        if self.tokenizer is None:
-            raise ValueError("this MLLM has no tokenizer")
-        if len(images) != len(questions):
-            raise ValueError(f"images and questions must have the same length, got "
-                             f"{len(images)} and {len(questions)}")
+    def prompt_ids(self, questions: list[str], template: str = "vicuna_v1"):
+        """Left-padded generation prompts (``<image>`` prepended where absent): ``(input_ids,
+        attention_mask)``, both ``[len(questions), L]`` on the CPU."""
         seqs = []
         for q in questions:
             if IMAGE_PLACEHOLDER not in q:
@@ -330,6 +323,19 @@ class MLLM(nn.Module):
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return ids, mask
+
+    @torch.no_grad()
+    def chat(self, images, questions: list[str], *, template: str = "vicuna_v1",
+             max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
+        """Answer ``questions[i]`` about PIL image ``images[i]`` (``<image>`` is prepended to a
+        question that lacks it). Returns the decoded answers."""
+        if self.tokenizer is None:
+            raise ValueError("this MLLM has no tokenizer")
+        if len(images) != len(questions):
+            raise ValueError(f"images and questions must have the same length, got "
+                             f"{len(images)} and {len(questions)}")
+        ids, mask = self.prompt_ids(questions, template)
         device = next(self.llm.parameters()).device
         pix = self.preprocess_images(images).to(device)
         out = self.generate(ids.to(device), mask.to(device), pix, max_new_tokens=max_new_tokens,

@@ -363,8 +363,13 @@ def _latest_checkpoint(output_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------- train
-def train(config, *, model=None) -> dict:
+def train(config, *, model=None, on_step=None) -> dict:
     """Train per ``config`` (a :class:`TrainConfig`, an ``argparse.Namespace`` or a dict).
+
+    ``on_step``, when given, is called on the main process with each step's log record (the
+    dict written to ``log.jsonl``: ``step``, ``loss``, ``lr``, ``time``, ...), e.g. to print
+    progress. Training the whole model (tower, projector and LLM, e.g. from scratch) is
+    ``stage=2, llm_mode="full", tune_vision_tower=True``.
 
     Returns ``{"step", "loss", "losses", "lr", "samples", "train_runtime", "samples_per_s",
     "skipped_images", "missing_images", "checkpoint", "output_dir"}``; ``losses`` has the
@@ -579,6 +584,8 @@ def train(config, *, model=None) -> dict:
                    "tokens": float(global_tokens), "samples": samples,
                    "skipped_images": skipped, "time": time.time() - t0}
             write_log(rec)
+            if on_step is not None and dist.is_main:
+                on_step(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
                             sps=f"{rec['samples_per_s']:.1f}",
