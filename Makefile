@@ -1,9 +1,10 @@
-# Quick start: `make demo` (set up + main job), `make test` (set up + tests).
+# Quick start: `make run` (set up + the digits study: the main job), `make demo` (the ops on the
+# paper's shape vs a float64 oracle), `make test` (set up + tests, what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test aot clean
+.PHONY: setup run demo test aot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +14,12 @@ $(PY):
 
 setup: $(PY)
 
-# Main job: the ParGo op on the paper's shape, checked against the float64 oracle, then the
+# Main job: the detail-perception study (models/digits): CPU -> reduced profile (minutes),
+# GPU -> full profile. Results (table, JSON, PNGs) in runs/digits_<profile>/.
+run: $(PY)
+	$(PY) -m models.digits.run --profile auto
+
+# The ParGo op on the paper's shape, checked against the float64 oracle, then the
 # benchmark harness (real timings on a GPU; a correctness-only smoke run on a CPU).
 demo: $(PY)
 	$(PY) -m pargo_kernels.demo

@@ -24,6 +24,8 @@ def built(tmp_path_factory):
 
 def _expected(question: str, lab: np.ndarray) -> str:
     """Answers recomputed from the label grid, independently of the builder."""
+    if question == "read the digits row by row .":
+        return " ".join(str(d) for row in lab for d in row)
     if m := re.fullmatch(r"which digit is in row (\d) , column (\d) \?", question):
         return str(lab[int(m[1]) - 1, int(m[2]) - 1])
     if m := re.fullmatch(r"how many (\d)s are there \?", question):
@@ -47,7 +49,7 @@ def test_dataset_answers_and_pixels_come_from_the_composed_digits(built):
     digits = load_digits()
     train = json.load(open(built["train"]))
     test = json.load(open(built["test"]))
-    assert len(train) == 40 and len(test) == 12 * 4
+    assert len(train) == 40 and len(test) == 12 * len(dd.QTYPES)
     seen_types = set()
     for rec in train + test:
         lab = np.array(rec["labels"])
@@ -59,12 +61,12 @@ def test_dataset_answers_and_pixels_come_from_the_composed_digits(built):
         for h, g in zip(convs[::2], convs[1::2]):
             q = h["value"].removeprefix("<image>\n")
             assert g["value"] == _expected(q, lab), (q, lab)
-            assert len(g["value"].split()) == 1
+            assert len(g["value"].split()) == (9 if q.startswith("read") else 1)
         if "qtype" in rec:
             seen_types.add(rec["qtype"])
             assert rec["answer"] == convs[1]["value"]
         else:
-            assert sorted(rec["qtypes"]) == sorted(dd.QTYPES) and len(convs) == 8
+            assert sorted(rec["qtypes"]) == sorted(dd.QTYPES) and len(convs) == 2 * len(dd.QTYPES)
         pix = np.asarray(Image.open(built["image_folder"] / rec["image"]))
         assert pix.shape == (24, 24)
         want = np.block([[digits.images[i] for i in row] for row in idx]) * 255 / 16
@@ -77,6 +79,24 @@ def test_dataset_answers_and_pixels_come_from_the_composed_digits(built):
     assert ch["count"]["uniform"] == pytest.approx(1 / 10)
     cnt = [r["answer"] for r in test if r["qtype"] == "count"]
     assert ch["count"]["majority"] == max(cnt.count(a) for a in set(cnt)) / len(cnt)
+    digits_read = [d for r in test if r["qtype"] == "read" for d in r["answer"].split()]
+    assert ch["read"]["uniform"] == 0.1 and len(digits_read) == 12 * 9
+    assert ch["read"]["majority"] == max(map(digits_read.count, set(digits_read))) / 108
+
+
+def test_read_is_scored_per_digit_and_other_types_exactly():
+    assert dd.score("read", "1 2 3 4 5 6 7 8 9", "1 2 3 4 5 6 7 8 9") == 1.0
+    assert dd.score("read", "1 2 3 0 5 6 7 8", "1 2 3 4 5 6 7 8 9") == pytest.approx(7 / 9)
+    assert dd.score("read", "", "1 2 3 4 5 6 7 8 9") == 0.0
+    assert dd.score("local", "7", "7") == 1.0 and dd.score("local", "7 7", "7") == 0.0
+
+
+def test_qtypes_select_the_questions(tmp_path):
+    b = dd.build_digit_dataset(tmp_path, n_train=6, n_test=4, qtypes=("read", "local"))
+    train, test = json.load(open(b["train"])), json.load(open(b["test"]))
+    assert all(sorted(r["qtypes"]) == ["local", "read"] for r in train)
+    assert sorted({r["qtype"] for r in test}) == ["local", "read"] and len(test) == 8
+    assert set(b["chance"]) == {"local", "read"}
 
 
 def test_train_and_test_use_disjoint_handwriting(built):
@@ -97,17 +117,20 @@ def test_json_loads_through_the_trainer_dataset(built):
     tok = word_level_tokenizer(built["words"])
     proc = default_image_processor(tf.CLIPVisionConfig(image_size=24, patch_size=4))
     img_id = tok.convert_tokens_to_ids("<image>")
-    for split, turns in (("train", 4), ("test", 1)):
+    for split in ("train", "test"):
         ds = LLaVADataset(str(built[split]), built["image_folder"], tok, proc,
                           image_token_id=img_id, num_image_tokens=9)
-        item = ds[0]
-        assert item["pixel_values"].shape == (3, 24, 24)
-        assert tok.unk_token_id not in item["input_ids"]  # the vocabulary covers the data
-        assert item["input_ids"].count(img_id) == 9
-        labelled = [t for t in item["labels"] if t != -100]
-        assert len(labelled) == 2 * turns  # one-word answer + </s> per turn
-        answers = [c["value"] for c in ds.records[0]["conversations"][1::2]]
-        assert tok.convert_ids_to_tokens(labelled[::2]) == answers
+        for i in range(min(len(ds), 6)):
+            item = ds[i]
+            assert item["pixel_values"].shape == (3, 24, 24)
+            assert tok.unk_token_id not in item["input_ids"]  # the vocabulary covers the data
+            assert item["input_ids"].count(img_id) == 9
+            labelled = [t for t in item["labels"] if t != -100]
+            # every answer word, then </s>, per turn
+            want = []
+            for c in ds.records[i]["conversations"][1::2]:
+                want += c["value"].split() + [tok.eos_token]
+            assert tok.convert_ids_to_tokens(labelled) == want
 
 
 def test_full_model_training_trains_tower_projector_and_llm(tmp_path):
@@ -153,7 +176,7 @@ def test_micro_run_writes_report(tmp_path):
         assert len(r["losses"]) == 3 and all(np.isfinite(r["losses"]))
         assert set(r["accuracy"]) == set(dd.QTYPES)
         assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
-        assert len(r["answers"]) == js["n_test_questions"] == 8 * 4
+        assert len(r["answers"]) == js["n_test_questions"] == 8 * len(dd.QTYPES)
         assert 0.0 <= r["relevance_in_cell"] <= 1.0
     for png in ("loss_curves.png", "accuracy.png", "relevance.png"):
         data = (out / png).read_bytes()

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-QTYPES = ("local", "count", "relation", "neighbor")
+QTYPES = ("read", "local", "count", "relation", "neighbor")
 DIGIT_WORDS = [str(d) for d in range(10)]
 WORDS = [*DIGIT_WORDS, *(f"{d}s" for d in range(10)), "which", "digit", "is", "in", "row",
          "column", ",", "?", "how", "many", "are", "there", "the", "left", "right", "above",
-         "below", "of", "what", "yes", "no"]
+         "below", "of", "what", "yes", "no", "read", "digits", "by", "."]
 TRAIN_FRACTION = 0.8
 
 
@@ -77,6 +77,9 @@ def make_question(qtype: str, lab: np.ndarray, rng: random.Random) -> dict | Non
     """``{"qtype", "question", "answer"}`` for label grid ``lab``, or None when the grid cannot
     carry a question of this type (e.g. no digit occurs exactly once)."""
     rows, cols = lab.shape
+    if qtype == "read":  # every cell, in reading order: the whole image's detail, one hop each
+        return {"qtype": qtype, "question": "read the digits row by row .",
+                "answer": " ".join(str(int(d)) for d in lab.ravel())}
     if qtype == "local":
         r, c = rng.randrange(rows), rng.randrange(cols)
         return {"qtype": qtype, "question": f"which digit is in row {r + 1} , column {c + 1} ?",
@@ -110,8 +113,8 @@ def make_question(qtype: str, lab: np.ndarray, rng: random.Random) -> dict | Non
     raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
 
 
-def _questions(lab: np.ndarray, rng: random.Random) -> list[dict] | None:
-    qs = [make_question(t, lab, rng) for t in QTYPES]
+def _questions(lab: np.ndarray, rng: random.Random, qtypes=QTYPES) -> list[dict] | None:
+    qs = [make_question(t, lab, rng) for t in qtypes]
     return None if any(q is None for q in qs) else qs
 
 
@@ -127,7 +130,7 @@ def _conv(q: dict, first: bool, question_first: bool = False) -> list[dict]:
 
 def build_digit_dataset(folder, *, n_train: int = 2000, n_test: int = 200, grid=(3, 3),
                         upsample: int = 1, seed: int = 0, multi_turn: bool = True,
-                        question_first: bool = False) -> dict:
+                        question_first: bool = False, qtypes=QTYPES) -> dict:
     """Write ``train.json``, ``test.json`` and ``images/`` under ``folder``.
 
     Returns ``{"train", "test", "image_folder", "image_size", "grid", "words", "chance"}``:
@@ -149,7 +152,7 @@ def build_digit_dataset(folder, *, n_train: int = 2000, n_test: int = 200, grid=
         i = 0
         while i < n:
             pix, lab, idx = compose(imgs, labs, grid, rng, upsample)
-            qs = _questions(lab, rng)
+            qs = _questions(lab, rng, tuple(qtypes))
             if qs is None:
                 continue
             name = f"{split}_{i:05d}.png"
@@ -183,7 +186,15 @@ def possible_answers(qtype: str, grid) -> list[str]:
         return ["yes", "no"]
     if qtype == "count":
         return [str(k) for k in range(n + 1)]
-    return list(DIGIT_WORDS)
+    return list(DIGIT_WORDS)  # "read" is scored per digit
+
+
+def score(qtype: str, predicted: str, answer: str) -> float:
+    """Exact match, except ``"read"``: the fraction of cells whose digit is right (in order)."""
+    if qtype != "read":
+        return float(predicted == answer)
+    want, got = answer.split(), predicted.split()
+    return sum(a == b for a, b in zip(want, got)) / len(want)
 
 
 def chance_levels(test_records: list[dict]) -> dict:
@@ -195,6 +206,8 @@ def chance_levels(test_records: list[dict]) -> dict:
         if not ans:
             continue
         grid = np.array(test_records[0]["labels"]).shape
+        if t == "read":  # per digit: the most frequent test digit in every cell
+            ans = [d for a in ans for d in a.split()]
         best = max(sorted(set(ans)), key=ans.count)
         out[t] = {"uniform": 1.0 / len(possible_answers(t, grid)),
                   "majority": ans.count(best) / len(ans), "majority_answer": best}
