@@ -6,7 +6,6 @@ The pooling runs through :func:`pargo_kernels.adaptive_avg_pool_tokens` with ``i
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from pargo_kernels import adaptive_avg_pool_tokens
 
-from .common import Projector, check_grid, check_impl, check_pos_int
+from .common import Projector, check_grid, check_impl, check_pos_int, resolve_query_grid
 from .pargo import BACKENDS
 from .registry import register_projector
 
@@ -81,15 +80,7 @@ class CAbstractor(Projector):
             ("vision_width", vision_width), ("llm_width", llm_width), ("hidden", hidden),
             ("depth", depth), ("mlp_depth", mlp_depth)))
         visual_grid = check_grid("visual_grid", visual_grid)
-        if query_grid is not None:
-            query_grid = check_grid("query_grid", query_grid)
-        else:
-            num_queries = check_pos_int("num_queries", num_queries)
-            side = math.isqrt(num_queries)
-            if side * side != num_queries:
-                raise ValueError(f"num_queries must be a perfect square, got {num_queries}; "
-                                 "pass query_grid=(rows, cols) for another shape")
-            query_grid = (side, side)
+        query_grid = resolve_query_grid("num_queries", num_queries, query_grid)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__(dict(vision_width=vision_width, llm_width=llm_width,

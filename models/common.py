@@ -1,25 +1,33 @@
 """Pieces shared by the projectors: config bookkeeping and argument checks."""
 from __future__ import annotations
 
-import numbers
+import math
 
 from torch import nn
+
+from pargo_kernels._validate import check_grid, check_int
+
+__all__ = ["IMPLS", "Projector", "check_grid", "check_impl", "check_int", "check_pos_int",
+           "resolve_query_grid"]
 
 IMPLS = ("kernels", "reference")
 
 
 def check_pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
+    return check_int(name, value, 1)
 
 
-def check_grid(name: str, grid) -> tuple[int, int]:
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-        raise TypeError(f"{name} must be a pair (rows, cols) of positive ints, got {grid!r}")
-    return check_pos_int(f"{name}[0]", grid[0]), check_pos_int(f"{name}[1]", grid[1])
+def resolve_query_grid(num_name: str, num, query_grid) -> tuple[int, int]:
+    """The output grid of a pooling projector: ``query_grid=(rows, cols)`` if given, else a
+    square grid of ``num`` (named ``num_name``) tokens, which must be a perfect square."""
+    if query_grid is not None:
+        return check_grid("query_grid", query_grid)
+    num = check_pos_int(num_name, num)
+    side = math.isqrt(num)
+    if side * side != num:
+        raise ValueError(f"{num_name} must be a perfect square (the pooled grid is square), got "
+                         f"{num}; pass query_grid=(rows, cols) for another shape")
+    return side, side
 
 
 def check_impl(impl) -> str:

@@ -7,7 +7,6 @@ the pooled tensor never goes to memory); ``impl="reference"`` runs ``F.adaptive_
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from torch import Tensor, nn
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 from pargo_kernels import adaptive_avg_pool_project
 from pargo_kernels.pooling import pool_project_reference
 
-from .common import Projector, check_grid, check_impl, check_pos_int
+from .common import Projector, check_grid, check_impl, check_pos_int, resolve_query_grid
 from .pargo import BACKENDS
 from .registry import register_projector
 
@@ -36,16 +35,7 @@ class DeCoProjector(Projector):
         vision_width = check_pos_int("vision_width", vision_width)
         llm_width = check_pos_int("llm_width", llm_width)
         visual_grid = check_grid("visual_grid", visual_grid)
-        if query_grid is not None:
-            query_grid = check_grid("query_grid", query_grid)
-        else:
-            query_num = check_pos_int("query_num", query_num)
-            side = math.isqrt(query_num)
-            if side * side != query_num:
-                raise ValueError(f"query_num must be a perfect square (the pooled grid is "
-                                 f"square), got {query_num}; pass query_grid=(rows, cols) for "
-                                 "another shape")
-            query_grid = (side, side)
+        query_grid = resolve_query_grid("query_num", query_num, query_grid)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__(dict(vision_width=vision_width, llm_width=llm_width,

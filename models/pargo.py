@@ -28,19 +28,11 @@ from pargo_kernels import cascade_windows
 from pargo_kernels.attention import CASCADE_MODES
 from pargo_kernels.masks import PartialGlobalMask
 
-from .common import Projector, check_grid, check_impl, check_pos_int
+from .common import Projector, check_grid, check_impl, check_int, check_pos_int
 from .layers import CrossPattern, QueryLayer, QuerySelfPattern, load_bert_weights
 from .registry import register_projector
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
-
-
-def _check_nonneg(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 class _QueryProjector(Projector):
@@ -145,8 +137,8 @@ class ParGoProjector(_QueryProjector):
         vision_width, llm_width = (check_pos_int("vision_width", vision_width),
                                    check_pos_int("llm_width", llm_width))
         visual_grid = check_grid("visual_grid", visual_grid)
-        n_partial, n_global = (_check_nonneg("n_partial", n_partial),
-                               _check_nonneg("n_global", n_global))
+        n_partial = check_int("n_partial", n_partial, 0)
+        n_global = check_int("n_global", n_global, 0)
         if n_partial + n_global == 0:
             raise ValueError("n_partial + n_global must be positive (no queries)")
         n_layers, hidden, heads, intermediate = (check_pos_int(n, v) for n, v in (

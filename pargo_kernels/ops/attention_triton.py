@@ -189,6 +189,22 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * Nq + rows, delta, mask=rows < Nq)
 
 
+@triton.jit
+def _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd, lo, hi, x0, x1, P2,
+             qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+             KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the dQ kernel: ``(K tile, P = exp2(S - lse) masked, dP = dO V^T)``."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kv_ok = cols < n_hi
+    k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
+                mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
+    vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
+                 mask=kv_ok[None, :] & (dv[:, None] < DV), other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+    p = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), tl.exp2(s - lse[:, None]), 0.0)
+    return k, p, _dot(do, vt, PRECISION)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -219,33 +235,19 @@ def _attn_bwd_dq_kernel(
     # projector tests). fp32 inputs keep O unrounded: their delta comes from the delta kernel.
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
+                                lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
+            delta += tl.sum(p * dp, 1)
+        tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
     else:
         delta = tl.load(DELTA + bh * Nq + rows, mask=valid, other=0.0)
-    for n0 in range(n_lo, n_hi if DELTA_PASS else n_lo, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = cols < n_hi
-        k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
-                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
-                     mask=kv_ok[None, :] & (dv[:, None] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), tl.exp2(s - lse[:, None]), 0.0)
-        delta += tl.sum(p * _dot(do, vt, PRECISION), 1)
-    if DELTA_PASS:
-        tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
 
     # Pass 2: dQ.
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = cols < n_hi
-        k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
-                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
-                     mask=kv_ok[None, :] & (dv[:, None] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, vt, PRECISION)
+        k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
+                            lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
 
