@@ -29,6 +29,10 @@ import common  # noqa: E402
 from common import Case, NotAvailable, Provider  # noqa: E402
 
 B, N_OUT = 256, 4096
+# (name, B, (Hin, Win), (Hout, Wout), C, N): DeCo on CLIP ViT-L/14-336, and SigLIP (overlapping
+# windows); also the cases of benchmarks/work_model_pool.py and test_bench_ops.py
+SHAPES = [(f"pool-24to12-C1024-N{N_OUT}-B{B}", B, (24, 24), (12, 12), 1024, N_OUT),
+          (f"pool-27to12-C1152-N{N_OUT}-B{B}", B, (27, 27), (12, 12), 1152, N_OUT)]
 
 
 def shapes(args):
@@ -36,9 +40,7 @@ def shapes(args):
     if args.smoke:
         return [("pool-6to3-C16-N32-B2", 2, (6, 6), (3, 3), 16, 32),
                 ("pool-7to3-C8-N24-B2", 2, (7, 7), (3, 3), 8, 24)]
-    out = [(f"pool-24to12-C1024-N{N_OUT}-B{B}", B, (24, 24), (12, 12), 1024, N_OUT),
-           (f"pool-27to12-C1152-N{N_OUT}-B{B}", B, (27, 27), (12, 12), 1152, N_OUT)]
-    return out[:1] if args.quick else out
+    return SHAPES[:1] if args.quick else SHAPES
 
 
 def deco_path(x, weight, bias, in_grid, out_grid):

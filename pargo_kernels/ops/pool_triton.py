@@ -27,6 +27,7 @@ All sums are fp32; fp32 GEMMs are exact fp32 (no TF32), 16-bit GEMMs use tensor 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -267,60 +268,148 @@ def _interp(t: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# launch plans: what every launcher launches, shared with benchmarks/work_model_pool.py
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch exactly as a launcher makes it (the work model reads the same object).
+
+    ``grid``: the Triton grid; program ``(pid0, pid1)`` owns row tile ``pid0`` and column tile
+    ``pid1`` of ``tiles = (row tiles, column tiles)``, launched ``pid0`` fastest.
+    ``sizes``: the kernel's integer size arguments, in its signature's order. ``meta``: its
+    constexpr tiles and ``num_warps`` / ``num_stages``. ``iters``: the per-program trip count
+    of the innermost loop body (every program runs the same count). ``label``: the AOT label of
+    the configuration (``aot_specs``)."""
+    kernel: object
+    grid: tuple
+    tiles: tuple
+    sizes: dict
+    meta: dict
+    iters: int
+    label: str
+
+    def program(self, row_tile, col_tile):
+        """Launch-order index of the program owning ``(row_tile, col_tile)`` (numpy-friendly)."""
+        return row_tile + self.grid[0] * col_tile
+
+    def __call__(self, *pointers_and_strides):
+        self.kernel[self.grid](*pointers_and_strides, *self.sizes.values(), **self.meta)
+
+
+def _label(kind: str, dtype: torch.dtype, cfg: dict, has_bias=None) -> str:
+    ty = _TL_DTYPE[dtype]
+    tiles = " ".join(f"{k.split('_')[1]}={v}" for k, v in cfg.items() if k.startswith("BLOCK_"))
+    bias = "" if has_bias is None else (" bias" if has_bias else " nobias")
+    return f"{kind} {ty}{bias} {tiles} w={cfg['num_warps']} s={cfg['num_stages']}"
+
+
+def _pool_launch(kernel, rows, B, C, in_grid, out_grid, dtype, interpret) -> Launch:
+    (hin, win), (hout, wout) = in_grid, out_grid
+    cfg = pool_config(C, interpret)
+    grid = launch_grid(rows, C, cfg["BLOCK_M"], cfg["BLOCK_C"])
+    if kernel is _pool_fwd_kernel:  # gathers input windows of output cells
+        sizes = dict(M=rows, C=C, Nout=hout * wout, Hin=hin, Win=win, Hout=hout, Wout=wout,
+                     KH=max_span(hin, hout), KW=max_span(win, wout))
+    else:  # gathers the output cells holding each input token
+        sizes = dict(M=rows, C=C, Nin=hin * win, Hin=hin, Win=win, Hout=hout, Wout=wout,
+                     KH=max_span(hout, hin), KW=max_span(wout, win))
+    return Launch(kernel, grid, grid, sizes, cfg, sizes["KH"] * sizes["KW"],
+                  _label("pool", dtype, cfg))
+
+
+def pool_fwd_plan(B, C, in_grid, out_grid, dtype, interpret=False) -> list[Launch]:
+    """Launches of ``pool_forward`` on ``[B, Hin*Win, C]`` (none when the output is empty)."""
+    rows = B * out_grid[0] * out_grid[1]
+    if rows == 0 or C == 0:
+        return []
+    return [_pool_launch(_pool_fwd_kernel, rows, B, C, in_grid, out_grid, dtype, interpret)]
+
+
+def pool_bwd_plan(B, C, in_grid, out_grid, dtype, interpret=False) -> list[Launch]:
+    """Launches of ``pool_backward`` (``dy [B, Hout*Wout, C]`` -> ``dx``)."""
+    rows = B * in_grid[0] * in_grid[1]
+    if rows == 0 or C == 0:
+        return []
+    return [_pool_launch(_pool_bwd_kernel, rows, B, C, in_grid, out_grid, dtype, interpret)]
+
+
+def _gemm_launch(kernel, rows, cols, red, sizes, dtype, interpret, has_bias=None) -> Launch:
+    """A GEMM kernel over a ``rows x cols`` output with a reduction of length ``red``."""
+    cfg = gemm_config(dtype, interpret)
+    grid = launch_grid(rows, cols, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    meta = dict(cfg, PRECISION=_precision(dtype, interpret))
+    kind = "pool-proj"
+    if has_bias is not None:
+        meta["HAS_BIAS"] = has_bias
+    iters = triton.cdiv(red, cfg["BLOCK_K"])
+    if kernel is _pool_proj_fwd_kernel:
+        iters *= sizes["KH"] * sizes["KW"]
+    return Launch(kernel, grid, grid, sizes, meta, iters, _label(kind, dtype, cfg, has_bias))
+
+
+def pool_project_fwd_plan(B, C, NF, in_grid, out_grid, dtype, has_bias,
+                          interpret=False) -> list[Launch]:
+    """Launches of ``pool_project_forward`` (none when the output is empty or ``C == 0``)."""
+    (hin, win), (hout, wout) = in_grid, out_grid
+    M = B * hout * wout
+    if M == 0 or NF == 0 or C == 0:
+        return []
+    sizes = dict(M=M, C=C, NF=NF, Nout=hout * wout, Hin=hin, Win=win, Hout=hout, Wout=wout,
+                 KH=max_span(hin, hout), KW=max_span(win, wout))
+    return [_gemm_launch(_pool_proj_fwd_kernel, M, NF, C, sizes, dtype, interpret, has_bias)]
+
+
+def pool_project_bwd_plan(B, C, NF, in_grid, out_grid, dtype, has_bias,
+                          interpret=False) -> list[Launch]:
+    """Launches of ``pool_project_backward``, in order: ``P = pool(x)``, ``dW (, db)``,
+    ``dP = dY @ W``, ``dx = unpool(dP)`` (none when any of ``M``, ``NF``, ``C`` is 0)."""
+    M = B * out_grid[0] * out_grid[1]
+    if M == 0 or NF == 0 or C == 0:
+        return []
+    nout = out_grid[0] * out_grid[1]
+    return [*pool_fwd_plan(B, C, in_grid, out_grid, dtype, interpret),
+            _gemm_launch(_pool_proj_dw_kernel, NF, C, M, dict(M=M, C=C, NF=NF, Nout=nout),
+                         dtype, interpret, has_bias),
+            _gemm_launch(_pool_proj_dp_kernel, M, C, NF, dict(M=M, C=C, NF=NF, Nout=nout),
+                         dtype, interpret),
+            *pool_bwd_plan(B, C, in_grid, out_grid, dtype, interpret)]
+
+
+# --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
 def pool_forward(x: torch.Tensor, in_grid, out_grid) -> torch.Tensor:
     """``[B, Hin*Win, C]`` (any strides) -> ``[B, Hout*Wout, C]`` contiguous, dtype of ``x``."""
-    (hin, win), (hout, wout) = in_grid, out_grid
     B, _, C = x.shape
-    nout = hout * wout
-    y = _empty((B, nout, C), x.dtype, x.device)
-    M = B * nout
-    if M == 0 or C == 0:
-        return y
-    cfg = pool_config(C, _interp(x))
-    grid = launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_C"])
-    _pool_fwd_kernel[grid](x, y, *x.stride(), *y.stride(), M, C, nout, hin, win, hout, wout,
-                           max_span(hin, hout), max_span(win, wout), **cfg)
+    y = _empty((B, out_grid[0] * out_grid[1], C), x.dtype, x.device)
+    for launch in pool_fwd_plan(B, C, in_grid, out_grid, x.dtype, _interp(x)):
+        launch(x, y, *x.stride(), *y.stride())
     return y
 
 
 def pool_backward(dy: torch.Tensor, in_grid, out_grid) -> torch.Tensor:
     """``dy [B, Hout*Wout, C]`` -> ``dx [B, Hin*Win, C]`` contiguous, dtype of ``dy``."""
-    (hin, win), (hout, wout) = in_grid, out_grid
     B, _, C = dy.shape
-    nin = hin * win
-    dx = _empty((B, nin, C), dy.dtype, dy.device)
-    M = B * nin
-    if M == 0 or C == 0:
-        return dx
-    cfg = pool_config(C, _interp(dy))
-    grid = launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_C"])
-    _pool_bwd_kernel[grid](dy, dx, *dy.stride(), *dx.stride(), M, C, nin, hin, win, hout, wout,
-                           max_span(hout, hin), max_span(wout, win), **cfg)
+    dx = _empty((B, in_grid[0] * in_grid[1], C), dy.dtype, dy.device)
+    for launch in pool_bwd_plan(B, C, in_grid, out_grid, dy.dtype, _interp(dy)):
+        launch(dy, dx, *dy.stride(), *dx.stride())
     return dx
 
 
 def pool_project_forward(x, weight, bias, in_grid, out_grid) -> torch.Tensor:
     """``F.linear(pool(x), weight, bias)`` -> ``[B, Hout*Wout, NF]`` contiguous."""
-    (hin, win), (hout, wout) = in_grid, out_grid
     B, _, C = x.shape
     NF = weight.shape[0]
-    nout = hout * wout
-    y = _empty((B, nout, NF), x.dtype, x.device)
-    M = B * nout
-    if M == 0 or NF == 0:
+    y = _empty((B, out_grid[0] * out_grid[1], NF), x.dtype, x.device)
+    plan = pool_project_fwd_plan(B, C, NF, in_grid, out_grid, x.dtype, bias is not None,
+                                 _interp(x))
+    if not plan:
+        if y.numel():  # C == 0: the product is empty, the bias (or zero) remains
+            y.copy_(bias.expand_as(y) if bias is not None else torch.zeros_like(y))
         return y
-    if C == 0:
-        y.copy_(bias.expand_as(y) if bias is not None else torch.zeros_like(y))
-        return y
-    cfg = gemm_config(x.dtype, _interp(x))
-    grid = launch_grid(M, NF, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    _pool_proj_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, y, *x.stride(), *weight.stride(),
-        *y.stride(), M, C, NF, nout, hin, win, hout, wout, max_span(hin, hout),
-        max_span(win, wout), HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype, _interp(x)), **cfg)
+    (launch,) = plan
+    launch(x, weight, bias if bias is not None else weight, y, *x.stride(), *weight.stride(),
+           *y.stride())
     return y
 
 
@@ -332,24 +421,24 @@ def pool_project_backward(dy, x, weight, has_bias: bool, in_grid, out_grid):
     M = B * nout
     dw = _empty((NF, C), weight.dtype, weight.device)
     db = _empty((NF,) if has_bias else (0,), weight.dtype, weight.device)
-    if M == 0 or NF == 0 or C == 0:
+    plan = pool_project_bwd_plan(B, C, NF, in_grid, out_grid, x.dtype, has_bias, _interp(x))
+    if not plan:
         dx = _empty(x.shape, x.dtype, x.device)
         for t in (dx, dw, db):
             t.zero_()
         if has_bias and M > 0:
             db.copy_(dy.float().sum((0, 1)).to(db.dtype))
         return dx, dw, db
-    cfg = gemm_config(x.dtype, _interp(x))
-    prec = _precision(x.dtype, _interp(x))
-    p = pool_forward(x, in_grid, out_grid).view(M, C)
-    _pool_proj_dw_kernel[launch_grid(NF, C, cfg["BLOCK_M"], cfg["BLOCK_N"])](
-        dy, p, dw, db if has_bias else dw, *dy.stride(), *p.stride(), *dw.stride(), M, C, NF,
-        nout, HAS_BIAS=has_bias, PRECISION=prec, **cfg)
+    pool_p, grad_w, grad_p, unpool = plan
+    p = _empty((B, nout, C), x.dtype, x.device)
+    pool_p(x, p, *x.stride(), *p.stride())
+    p = p.view(M, C)
+    grad_w(dy, p, dw, db if has_bias else dw, *dy.stride(), *p.stride(), *dw.stride())
     dp = _empty((M, C), x.dtype, x.device)
-    _pool_proj_dp_kernel[launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_N"])](
-        dy, weight, dp, *dy.stride(), *weight.stride(), *dp.stride(), M, C, NF, nout,
-        PRECISION=prec, **cfg)
-    dx = pool_backward(dp.view(B, nout, C), in_grid, out_grid)
+    grad_p(dy, weight, dp, *dy.stride(), *weight.stride(), *dp.stride())
+    dx = _empty(x.shape, x.dtype, x.device)
+    dpv = dp.view(B, nout, C)
+    unpool(dpv, dx, *dpv.stride(), *dx.stride())
     return dx, dw, db
 
 
@@ -358,24 +447,23 @@ def pool_project_backward(dy, x, weight, has_bias: bool, in_grid, out_grid):
 # --------------------------------------------------------------------------------------------
 def aot_specs():
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
-    launchers can make: each dtype x pooling channel tile, each dtype x GEMM kernel x bias."""
+    launchers can make: each dtype x pooling channel tile, each dtype x GEMM kernel x bias.
+    Labels are the ``Launch.label`` of the plans, so the work model can look them up."""
+    def split(cfg):
+        cfg = dict(cfg)
+        return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(X=ty, Y=ty, DY=ty, DX=ty, W=ty, BIAS=ty, P=ty, DW=ty, DB=ty, DP=ty)
         for block_c in POOL_BLOCK_CS:
-            cfg = dict(pool_config(block_c))
-            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            label = (f"pool {ty} M={cfg['BLOCK_M']} C={cfg['BLOCK_C']} "
-                     f"w={options['num_warps']} s={options['num_stages']}")
+            label = _label("pool", dtype, pool_config(block_c))
             for kernel in (_pool_fwd_kernel, _pool_bwd_kernel):
-                yield kernel, ptrs, cfg, options, label
-        cfg = dict(gemm_config(dtype))
-        options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-        shape = (f"M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} K={cfg['BLOCK_K']} "
-                 f"w={options['num_warps']} s={options['num_stages']}")
+                yield (kernel, ptrs, *split(pool_config(block_c)), label)
+        cfg, options = split(gemm_config(dtype))
+        cfg["PRECISION"] = _precision(dtype)
         for has_bias in (False, True):
-            bias = "bias" if has_bias else "nobias"
+            label = _label("pool-proj", dtype, gemm_config(dtype), has_bias)
             for kernel in (_pool_proj_fwd_kernel, _pool_proj_dw_kernel):
-                yield (kernel, ptrs, dict(HAS_BIAS=has_bias, PRECISION=_precision(dtype), **cfg),
-                       options, f"pool-proj {ty} {bias} {shape}")
-        yield (_pool_proj_dp_kernel, ptrs, dict(PRECISION=_precision(dtype), **cfg), options,
-               f"pool-proj {ty} {shape}")
+                yield kernel, ptrs, dict(cfg, HAS_BIAS=has_bias), options, label
+        yield (_pool_proj_dp_kernel, ptrs, cfg, options,
+               _label("pool-proj", dtype, gemm_config(dtype)))
