@@ -28,8 +28,9 @@ THIS IS A MODEL, NOT A TIMING. Assumptions:
   modelled one at a time (no reuse across launches). ``bytes_loaded``: all loads, cache hits
   included (the traffic into the SMs).
 * Library steps of the ``pool+matmul`` variant (``torch.matmul`` / ``F.linear``, the bias
-  gradient's sum) are modelled at their own floor: operands read once, result written once,
-  FLOPs = ideal. They have no programs in the counts.
+  gradient's sum) are modelled at their own floor in HBM (operands read once, result written
+  once) with FLOPs = ideal; their ``bytes_loaded`` assume 128x128 output tiles (A re-loaded
+  once per 128 columns, B once per 128 rows). They have no programs in the counts.
 * ``programs``, ``max/mean_iters_per_program``: over our kernels' programs; an iteration is
   one execution of the innermost loop body (one load of a window offset's tile).
 """
@@ -50,6 +51,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 import bench_pooling  # noqa: E402
+from pargo_kernels import pooling  # noqa: E402
 from pargo_kernels.ops import pool_triton as pt  # noqa: E402
 
 AOT_JSON = os.path.join(HERE, "results", "aot_pool_sm90.json")
@@ -232,8 +234,17 @@ def launch_flops(launch) -> int:
 # --------------------------------------------------------------------------------------------
 # rows
 # --------------------------------------------------------------------------------------------
-def _library_step(name, flops, read, write) -> dict:
-    return dict(kernel=name, flops=flops, pool_adds=0, bytes_loaded=read + write,
+GEMM_TILE = 128
+
+
+def _library_step(name, flops, read, write, gemm=None) -> dict:
+    """A cuBLAS / ATen step at its HBM floor; ``gemm=(m, n, a_bytes, b_bytes)``: loads of a
+    ``GEMM_TILE``-square tiled GEMM (A once per column tile, B once per row tile)."""
+    loaded = read
+    if gemm is not None:
+        m, n, a_bytes, b_bytes = gemm
+        loaded = a_bytes * -(-n // GEMM_TILE) + b_bytes * -(-m // GEMM_TILE)
+    return dict(kernel=name, flops=flops, pool_adds=0, bytes_loaded=loaded + write,
                 bytes_requested=read + write, programs=0)
 
 
@@ -257,7 +268,7 @@ def pool_rows(resources=None, cases=None) -> list[dict]:
     """The model's rows (see the module docstring), one per op x case x pass x variant."""
     resources = load_resources() if resources is None else resources
     e = torch.tensor([], dtype=DTYPE).element_size()
-    fused_default = pt.FUSED_DEFAULT if hasattr(pt, "FUSED_DEFAULT") else True
+    fused_default = pooling.FUSED_DEFAULT
     rows = []
     for case in cases or CASES:
         _, B, in_grid, out_grid, C, NF = CASES[case]
@@ -278,9 +289,9 @@ def pool_rows(resources=None, cases=None) -> list[dict]:
         fused_f = model(pt.pool_project_fwd_plan(B, C, NF, in_grid, out_grid, DTYPE, True))
         fused_b = model(pt.pool_project_bwd_plan(B, C, NF, in_grid, out_grid, DTYPE, True))
         unfused_f = pool_f + [_library_step("F.linear: P @ W^T + bias", gemm,
-                                            p_b + w_b + bias_b, y_b)]
-        unfused_b = [_library_step("dY @ W", gemm, y_b + w_b, p_b),
-                     _library_step("dY^T @ P", gemm, y_b + p_b, w_b),
+                                            p_b + w_b + bias_b, y_b, (M, NF, p_b, w_b))]
+        unfused_b = [_library_step("dY @ W", gemm, y_b + w_b, p_b, (M, C, y_b, w_b)),
+                     _library_step("dY^T @ P", gemm, y_b + p_b, w_b, (NF, C, y_b, p_b)),
                      _library_step("sum dY", 0, y_b, bias_b)] + pool_b
         for variant, fwd, bwd, default in (("fused", fused_f, fused_b, fused_default),
                                            ("pool+matmul", unfused_f, unfused_b,

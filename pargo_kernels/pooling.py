@@ -27,6 +27,15 @@ from ._validate import check_grid, check_same, check_tensor
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# The path ``adaptive_avg_pool_project(fused=None)`` takes: the pooling kernel, then F.linear
+# (cuBLAS). Chosen by the work model (benchmarks/work_model_pool.py; benchmarks/README.md,
+# "pool_project: fused or pool + matmul"), a model, not a timing: at the DeCo shape the fused
+# kernel requests fewer HBM bytes (1.00x vs 1.25x the floor) but re-pools every row tile once
+# per 64-wide feature tile (64x the pooling adds, 4-8x the loads into the SMs of pool + a
+# 128x128-tiled GEMM), so the model does not show it at least as cheap. A GPU benchmark
+# (bench_pooling.py: ours[triton] vs ours-fused[triton]) may revisit this.
+FUSED_DEFAULT = False
+
 
 # --------------------------------------------------------------------------------------------
 # reference (eager PyTorch; the tests run it in float64 as the oracle)
@@ -206,28 +215,38 @@ def adaptive_avg_pool_tokens(x: Tensor, in_grid: Sequence[int], out_grid: Sequen
 
 def adaptive_avg_pool_project(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                               in_grid: Sequence[int], out_grid: Sequence[int],
-                              backend: str = "auto") -> Tensor:
-    """``F.linear(adaptive_avg_pool_tokens(x, in_grid, out_grid), weight, bias)``, fused.
+                              backend: str = "auto", fused: Optional[bool] = None) -> Tensor:
+    """``F.linear(adaptive_avg_pool_tokens(x, in_grid, out_grid), weight, bias)``.
 
     Args:
         x: ``[B, Hin*Win, C]`` tokens, any strides; ``in_grid``, ``out_grid`` as in
             :func:`adaptive_avg_pool_tokens`.
-        weight: ``[F, C]`` (``nn.Linear`` layout), bias: ``[F]`` or None; same dtype and device
-            as ``x``.
-        backend: ``"auto"`` (CUDA tensors: Triton; CPU: reference), ``"triton"`` or
-            ``"reference"``. The fused projection is Triton-only: ``"cuda"`` refuses (the CUDA
-            extension implements the pooling alone).
+        weight: ``[F, C]`` (``nn.Linear`` layout), bias: ``[F]`` or None (any stride, also an
+            expanded one); same dtype and device as ``x``.
+        backend: ``"auto"`` (CUDA tensors: the CUDA extension's pooling if built, else
+            Triton; CPU: reference), ``"cuda"``, ``"triton"`` or ``"reference"``. The fused
+            kernel is Triton-only: ``fused=True`` with ``"cuda"`` refuses.
+        fused: ``False``: the pooling kernel, then ``F.linear`` (cuBLAS); ``True``: the fused
+            Triton kernel; ``None`` (default): ``FUSED_DEFAULT`` (``False``).
 
     Returns ``[B, Hout*Wout, F]`` in the dtype of ``x``.
 
-    Forward: one GEMM whose A tile is the pooled window average, computed while loading it
-    (fp32 sum, rounded to the input dtype as the unfused ``F.linear(pool(x))`` does); the pooled
-    tensor is never written to memory. fp32 accumulation; fp32 inputs in true fp32 (no TF32).
+    Why pool + matmul is the default (a work model, not a timing; benchmarks/README.md): the
+    fused kernel re-pools each row tile's windows once per 64-wide feature tile. With its
+    row-major launch order those re-reads hit in cache (forward HBM bytes at the floor, DeCo
+    shape), but it still issues 64x the pooling work and 4-8x the loads into the SMs of pool +
+    a tiled GEMM, so the model does not show it at least as cheap as pool + ``F.linear``
+    (1.25x the HBM floor: the pooled tensor, 1/4 of ``x``, is written and read once).
 
-    Backward: *materialises* the pooled tensor once (``[B, Hout*Wout, C]``, one pooling
-    launch) and ``dP = dY @ W`` (same shape); ``dweight = dY^T @ pool(x)``,
-    ``dbias = sum dY`` (fused into the dweight GEMM), ``dx = unpool(dP)`` (the pooling
-    backward).
+    Pool + matmul: the pooled tensor ``[B, Hout*Wout, C]`` is materialised (and saved for the
+    backward by ``F.linear``); the backward is autograd's: ``dP = dY @ W``,
+    ``dweight = dY^T @ P``, ``dbias = sum dY``, ``dx = unpool(dP)``.
+
+    Fused: one GEMM whose A tile is the pooled window average, computed while loading it (fp32
+    sum, rounded to the input dtype as the unfused ``F.linear(pool(x))`` does); the pooled
+    tensor is never written to memory. fp32 accumulation; fp32 inputs in true fp32 (no TF32).
+    Its backward materialises ``pool(x)`` once and ``dP = dY @ W``; ``dweight = dY^T @
+    pool(x)``, ``dbias = sum dY`` (fused into the dweight GEMM), ``dx = unpool(dP)``.
     """
     in_grid, out_grid = _check_x(x, in_grid, out_grid)
     check_tensor("weight", weight, 2)
@@ -242,12 +261,19 @@ def adaptive_avg_pool_project(x: Tensor, weight: Tensor, bias: Optional[Tensor] 
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
                          "out-features")
+    if fused is None:
+        fused = FUSED_DEFAULT
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool or None, got {type(fused).__name__}")
     chosen = _choose("adaptive_avg_pool_project", x, backend,
-                     lambda: ["the fused pooling + projection has no CUDA kernel (Triton only; "
-                              "the CUDA extension implements adaptive_avg_pool_tokens)"])
+                     (lambda: ["the fused pooling + projection has no CUDA kernel (Triton only; "
+                               "fused=False runs the CUDA pooling, then F.linear)"]) if fused
+                     else (lambda: _cuda_reasons(x)))
     if chosen == "reference":
         return pool_project_reference(x, weight, bias, in_grid, out_grid)
-    return _proj_fwd_op(x, weight, bias, in_grid, out_grid, chosen)
+    if fused:
+        return _proj_fwd_op(x, weight, bias, in_grid, out_grid, chosen)
+    return F.linear(_pool_fwd_op(x, in_grid, out_grid, chosen), weight, bias)
 
 
 __all__ = ["adaptive_avg_pool_tokens", "adaptive_avg_pool_project", "pool_tokens_reference",

@@ -65,20 +65,20 @@ def _check_pool(in_grid, out_grid, C, dtype, device, backend, B=2, contiguous=Tr
 
 
 def _check_project(in_grid, out_grid, C, NF, dtype, device, backend, B=2, bias=True,
-                   contiguous=True):
+                   contiguous=True, fused=None, bias_layout="contiguous"):
     x = _tokens(B, in_grid, C, dtype, device, contiguous)
     w = randn((NF, C), dtype, device, requires_grad=False) * C ** -0.5
-    inputs = [x, w] + ([randn((NF,), dtype, device, requires_grad=False)] if bias else [])
+    inputs = [x, w] + ([_bias(NF, dtype, device, bias_layout)] if bias else [])
     n_out = out_grid[0] * out_grid[1]
     grad = torch.randn(B, n_out, NF, device=device).to(dtype)
 
-    def fused(a, weight, *b):
+    def ours(a, weight, *b):
         return pk.adaptive_avg_pool_project(a, weight, *b, in_grid=in_grid, out_grid=out_grid,
-                                            backend=backend)
+                                            backend=backend, fused=fused)
 
     def oracle(a, weight, *b):
         return pool_project_reference(a, weight, b[0] if b else None, in_grid, out_grid)
-    out, grads = run_with_grads(fused, inputs, grad)
+    out, grads = run_with_grads(ours, inputs, grad)
     ref, ref_grads = run_with_grads(oracle, inputs, grad, torch.float64)
     assert out.dtype == dtype and out.shape == (B, n_out, NF)
     assert_close("out", out, ref, dtype)
@@ -94,11 +94,27 @@ def test_pool_tokens_matches_oracle(case, backend, device):
     _check_pool(in_grid, out_grid, C, torch.float32, device, backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+def _bias(NF, dtype, device, layout):
+    """Fresh bias ``[NF]``: contiguous, every other element of a ``[2*NF]`` buffer, or one value
+    expanded (stride 0)."""
+    if layout == "contiguous":
+        return randn((NF,), dtype, device, requires_grad=False)
+    if layout == "strided":
+        return randn((2 * NF,), dtype, device, requires_grad=False)[::2]
+    assert layout == "expanded"
+    return randn((1,), dtype, device, requires_grad=False).expand(NF)
+
+
+# (backend, fused): the default Triton path (pool kernel + F.linear), the fused kernel, eager
+PATHS = [("triton", None), ("triton", True), ("reference", None)]
+PATH_IDS = ["triton", "triton-fused", "reference"]
+
+
+@pytest.mark.parametrize("backend, fused", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("case", list(GRIDS))
-def test_pool_project_matches_oracle(case, backend, device):
+def test_pool_project_matches_oracle(case, backend, fused, device):
     in_grid, out_grid, C = GRIDS[case]
-    _check_project(in_grid, out_grid, C, 48, torch.float32, device, backend)
+    _check_project(in_grid, out_grid, C, 48, torch.float32, device, backend, fused=fused)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,14 +123,68 @@ def test_pool_tokens_dtypes_noncontiguous(dtype, backend, device):
     _check_pool((27, 27), (12, 12), 72, dtype, device, backend, contiguous=False)
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_pool_project_dtypes_noncontiguous(dtype, device):
-    _check_project((27, 27), (12, 12), 72, 40, dtype, device, "triton", contiguous=False)
+def test_pool_project_dtypes_noncontiguous(dtype, fused, device):
+    _check_project((27, 27), (12, 12), 72, 40, dtype, device, "triton", contiguous=False,
+                   fused=fused)
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_pool_project_without_bias(dtype, device):
-    _check_project((5, 7), (3, 2), 40, 24, dtype, device, "triton", B=3, bias=False)
+def test_pool_project_without_bias(dtype, fused, device):
+    _check_project((5, 7), (3, 2), 40, 24, dtype, device, "triton", B=3, bias=False,
+                   fused=fused)
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_pool_project_bias_strides(layout, fused, device):
+    """A bias view with stride 2 or 0: forward and every gradient against float64."""
+    _check_project((5, 7), (3, 2), 40, 72, torch.float32, device, "triton", B=3, fused=fused,
+                   bias_layout=layout)
+
+
+def _pool_matrix(in_grid, out_grid):
+    """``[Nout, Nin]`` float64 pooling weights: the reference applied to the identity."""
+    n = in_grid[0] * in_grid[1]
+    return pool_tokens_reference(torch.eye(n, dtype=torch.float64)[None], in_grid, out_grid)[0]
+
+
+ZERO_SIZES = {"B=0": (0, 24, 16), "C=0": (2, 0, 16), "NF=0": (2, 24, 0)}
+
+
+@pytest.mark.parametrize("backend, fused", PATHS[:2], ids=PATH_IDS[:2])
+@pytest.mark.parametrize("case", list(ZERO_SIZES))
+def test_zero_sizes(case, backend, fused, device):
+    """Empty batch / channels / out-features: the right (possibly empty) outputs and grads.
+    The oracle is a float64 einsum with the pooling matrix (F.adaptive_avg_pool2d's backward
+    rejects C=0); with C=0 the output is the bias and dbias is still sum(dY)."""
+    B, C, NF = ZERO_SIZES[case]
+    in_grid, out_grid = (3, 4), (2, 2)
+    pm = _pool_matrix(in_grid, out_grid).to(device)
+    x = randn((B, 12, C), torch.float32, device, requires_grad=False)
+    w = randn((NF, C), torch.float32, device, requires_grad=False)
+    b = randn((NF,), torch.float32, device, requires_grad=False)
+    grad = torch.randn(B, 4, NF, device=device)
+    out, grads = run_with_grads(lambda *a: pk.adaptive_avg_pool_project(
+        a[0], a[1], a[2], in_grid=in_grid, out_grid=out_grid, backend=backend, fused=fused),
+        (x, w, b), grad)
+    ref, ref_grads = run_with_grads(
+        lambda a, wt, bs: torch.einsum("on,bnc,fc->bof", pm, a, wt) + bs, (x, w, b), grad,
+        torch.float64)
+    grad_pooled = torch.randn(B, 4, C, device=device)
+    pooled, (dx,) = run_with_grads(
+        lambda a: pk.adaptive_avg_pool_tokens(a, in_grid, out_grid, backend=backend), (x,),
+        grad_pooled)
+    ref_pooled, (ref_dx,) = run_with_grads(
+        lambda a: torch.einsum("on,bnc->boc", pm, a), (x,), grad_pooled, torch.float64)
+    for name, got, want in [("out", out, ref), ("pooled", pooled, ref_pooled),
+                            ("pool dx", dx, ref_dx),
+                            *zip(("dx", "dweight", "dbias"), grads, ref_grads)]:
+        assert got is not None and got.shape == want.shape, name
+        if want.numel():
+            assert_close(name, got, want, torch.float32)
 
 
 def test_upsampling_grid(device):
@@ -150,7 +220,7 @@ def test_gpu_tile_configs(dtype, device, monkeypatch):
     pool_cfg, gemm_cfg = pool_triton.pool_config, pool_triton.gemm_config
     monkeypatch.setattr(pool_triton, "pool_config", lambda c, interpret=False: pool_cfg(c))
     monkeypatch.setattr(pool_triton, "gemm_config", lambda d, interpret=False: gemm_cfg(d))
-    _check_project((5, 7), (3, 2), 40, 24, dtype, device, "triton", B=3)
+    _check_project((5, 7), (3, 2), 40, 24, dtype, device, "triton", B=3, fused=True)
     _check_pool((9, 7), (4, 3), 24, dtype, device, "triton")
 
 
@@ -203,6 +273,9 @@ def test_cuda_backend_refuses_with_reason():
     with pytest.raises(ValueError, match="backend 'cuda' cannot serve"):
         pk.adaptive_avg_pool_tokens(x, (2, 2), (1, 1), backend="cuda")
     with pytest.raises(ValueError, match="Triton only"):
+        pk.adaptive_avg_pool_project(x, torch.randn(3, 8), in_grid=(2, 2), out_grid=(1, 1),
+                                     backend="cuda", fused=True)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot serve"):
         pk.adaptive_avg_pool_project(x, torch.randn(3, 8), in_grid=(2, 2), out_grid=(1, 1),
                                      backend="cuda")
 

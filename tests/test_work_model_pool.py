@@ -140,3 +140,22 @@ def test_residency_from_resources():
     assert wm.resident_programs(32, 100 * 1024, 4) == 132 * 2
     # 255 regs: 8192 a warp (rounded to 256) -> 8 warps -> 2 blocks of 4 warps
     assert wm.resident_programs(255, 0, 4) == 132 * 2
+
+
+def test_deco_rows_meet_the_targets_and_pick_the_default():
+    """deco (B=256, 24x24 -> 12x12, C=1024 -> 4096, bf16): the default pool_project forward
+    requests <= 1.3x its HBM floor, and the fused kernel is the default only if the model shows
+    it at least as cheap as pool + matmul on every count it has."""
+    rows = {(r["op"], r["pass"], r["variant"]): r for r in wm.pool_rows(cases=["deco"])}
+    assert {k for k in rows} >= {("pool", "fwd", "triton"), ("pool", "bwd", "triton")}
+    default = [r for (op, pss, _), r in rows.items() if op == "pool_project" and pss == "fwd"
+               and r["default"]]
+    assert len(default) == 1 and default[0]["bytes_requested"] <= 1.3 * default[0]["bytes_floor"]
+    fused, unfused = rows["pool_project", "fwd", "fused"], rows["pool_project", "fwd",
+                                                                 "pool+matmul"]
+    cheaper = all(fused[k] <= unfused[k] for k in ("bytes_requested", "bytes_loaded",
+                                                   "pool_adds_issued", "flops_issued"))
+    assert fused["default"] == cheaper
+    for r in rows.values():
+        assert r["flops_flex128"] is None and r["flops_ideal"] == r["flops_dense"]
+        assert r["flops_issued"] >= r["flops_ideal"] and r["bytes_requested"] >= r["bytes_floor"]

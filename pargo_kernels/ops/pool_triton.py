@@ -76,6 +76,14 @@ def _pooled_tile(X, rows, chans, M, C, Nout, Hin, Win, Hout, Wout, KH, KW, sxb, 
     return acc * inv[:, None]
 
 
+@triton.jit
+def _row_major(n_cols, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of this program on a 1-D grid launched row tile by row tile."""
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(n_cols, BLOCK_N)
+    return pid // col_tiles, pid % col_tiles
+
+
 # --------------------------------------------------------------------------------------------
 # pooling alone
 # --------------------------------------------------------------------------------------------
@@ -134,14 +142,17 @@ def _pool_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _pool_proj_fwd_kernel(
-    X, W, BIAS, Y, sxb, sxn, sxc, swn, swc, syb, syn, syc,
+    X, W, BIAS, Y, sxb, sxn, sxc, swn, swc, sbc, syb, syn, syc,
     M, C, NF, Nout, Hin, Win, Hout, Wout, KH, KW,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``y[m, f] = sum_c pool(x)[m, c] * W[f, c] (+ bias[f])``, pooling in the A-tile load."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``y[m, f] = sum_c pool(x)[m, c] * W[f, c] (+ bias[f])``, pooling in the A-tile load;
+    ``sbc``: the stride of ``bias`` (any, 0 for an expanded one). Launch order: all feature
+    tiles of a row tile one after the other (its ``x`` windows are read from HBM once)."""
+    row_tile, feat_tile = _row_major(NF, BLOCK_N)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = feat_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     f_ok = feats < NF
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, C, BLOCK_K):
@@ -152,7 +163,7 @@ def _pool_proj_fwd_kernel(
                     mask=f_ok[None, :] & (chans < C)[:, None], other=0.0)
         acc += _dot(a, w, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(BIAS + feats, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + feats * sbc, mask=f_ok, other=0.0).to(tl.float32)[None, :]
     b = (rows // Nout).to(tl.int64)
     o = rows % Nout
     tl.store(Y + b[:, None] * syb + o[:, None] * syn + feats[None, :] * syc,
@@ -199,9 +210,12 @@ def _pool_proj_dp_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``dP[m, c] = sum_f dY[m, f] * W[f, c]`` (the gradient of the pooled tensor)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    chans = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``dP[m, c] = sum_f dY[m, f] * W[f, c]`` (the gradient of the pooled tensor). Launch
+    order: all channel tiles of a row tile one after the other (its ``dY`` rows are read from
+    HBM once)."""
+    row_tile, chan_tile = _row_major(C, BLOCK_N)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = chan_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < M
     c_ok = chans < C
     b = (rows // Nout).to(tl.int64)
@@ -247,7 +261,8 @@ def gemm_config(dtype: torch.dtype, interpret: bool = False) -> dict:
 
 
 def launch_grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int, int]:
-    """Programs of every launch: row tiles on axis 0 (up to 2**31 - 1), column tiles on axis 1."""
+    """Tiles of every launch: ``(row tiles, column tiles)``; as a 2-D grid, row tiles go on
+    axis 0 (up to 2**31 - 1) and column tiles on axis 1."""
     return triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols)
 
 
@@ -274,8 +289,9 @@ def _interp(t: torch.Tensor) -> bool:
 class Launch:
     """One kernel launch exactly as a launcher makes it (the work model reads the same object).
 
-    ``grid``: the Triton grid; program ``(pid0, pid1)`` owns row tile ``pid0`` and column tile
-    ``pid1`` of ``tiles = (row tiles, column tiles)``, launched ``pid0`` fastest.
+    ``tiles``: ``(row tiles, column tiles)``. ``grid``: the Triton grid: 2-D, program ``(pid0,
+    pid1)`` owns row tile ``pid0`` and column tile ``pid1``, launched ``pid0`` fastest; or 1-D,
+    program ``pid`` owns ``divmod(pid, column tiles)`` (row-major launch order).
     ``sizes``: the kernel's integer size arguments, in its signature's order. ``meta``: its
     constexpr tiles and ``num_warps`` / ``num_stages``. ``iters``: the per-program trip count
     of the innermost loop body (every program runs the same count). ``label``: the AOT label of
@@ -290,6 +306,8 @@ class Launch:
 
     def program(self, row_tile, col_tile):
         """Launch-order index of the program owning ``(row_tile, col_tile)`` (numpy-friendly)."""
+        if len(self.grid) == 1:
+            return row_tile * self.tiles[1] + col_tile
         return row_tile + self.grid[0] * col_tile
 
     def __call__(self, *pointers_and_strides):
@@ -334,9 +352,12 @@ def pool_bwd_plan(B, C, in_grid, out_grid, dtype, interpret=False) -> list[Launc
 
 
 def _gemm_launch(kernel, rows, cols, red, sizes, dtype, interpret, has_bias=None) -> Launch:
-    """A GEMM kernel over a ``rows x cols`` output with a reduction of length ``red``."""
+    """A GEMM kernel over a ``rows x cols`` output with a reduction of length ``red``; the
+    kernels that reuse their row tile's A operand across column tiles run row-major."""
     cfg = gemm_config(dtype, interpret)
-    grid = launch_grid(rows, cols, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    tiles = launch_grid(rows, cols, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    row_major = kernel in (_pool_proj_fwd_kernel, _pool_proj_dp_kernel)
+    grid = (tiles[0] * tiles[1],) if row_major else tiles
     meta = dict(cfg, PRECISION=_precision(dtype, interpret))
     kind = "pool-proj"
     if has_bias is not None:
@@ -344,7 +365,7 @@ def _gemm_launch(kernel, rows, cols, red, sizes, dtype, interpret, has_bias=None
     iters = triton.cdiv(red, cfg["BLOCK_K"])
     if kernel is _pool_proj_fwd_kernel:
         iters *= sizes["KH"] * sizes["KW"]
-    return Launch(kernel, grid, grid, sizes, meta, iters, _label(kind, dtype, cfg, has_bias))
+    return Launch(kernel, grid, tiles, sizes, meta, iters, _label(kind, dtype, cfg, has_bias))
 
 
 def pool_project_fwd_plan(B, C, NF, in_grid, out_grid, dtype, has_bias,
@@ -409,7 +430,7 @@ def pool_project_forward(x, weight, bias, in_grid, out_grid) -> torch.Tensor:
         return y
     (launch,) = plan
     launch(x, weight, bias if bias is not None else weight, y, *x.stride(), *weight.stride(),
-           *y.stride())
+           bias.stride(0) if bias is not None else 0, *y.stride())
     return y
 
 
