@@ -4,8 +4,9 @@ Shapes (B=256, projected to 4096): 24x24 -> 12x12 with C=1024 (CLIP ViT-L/14-336
 27x27 -> 12x12 with C=1152 (SigLIP, overlapping windows). ``--quick``: the first only.
 ``--smoke``: tiny, CPU.
 
-Providers: ``ours[triton]`` / ``ours[cuda]`` (``adaptive_avg_pool_project``, fused),
-``ours-unfused[triton]`` (``adaptive_avg_pool_tokens`` then ``F.linear``), ``deco-eager`` (the
+Providers: ``ours[triton]`` / ``ours[cuda]`` (``adaptive_avg_pool_project`` as it runs by
+default: the pooling kernel, then ``F.linear``), ``ours-fused[triton]`` (``fused=True``: the
+fused pool + GEMM kernel), ``deco-eager`` (the
 DeCo path: tokens -> ``[B, C, H, W]`` view, ``nn.AdaptiveAvgPool2d``, back, ``nn.Linear``) and
 ``deco-compiled`` (``torch.compile`` of it; skipped in --smoke). The reference is
 ``F.adaptive_avg_pool2d`` + ``F.linear`` in float64.
@@ -88,7 +89,8 @@ def pooling_case(name, b, in_grid, out_grid, c, n, args) -> Case:
                 ref_elems=0, extra=dict(in_grid=in_grid, out_grid=out_grid))
 
 
-def ours(backend, pk_ops, fused=True) -> Provider:
+def ours(backend, pk_ops, fused=None) -> Provider:
+    """``adaptive_avg_pool_project``: ``fused=None`` its default path, ``True`` the fused one."""
     def setup(case):
         if pk_ops is None:
             raise NotAvailable("pargo_kernels pooling ops not importable")
@@ -96,15 +98,12 @@ def ours(backend, pk_ops, fused=True) -> Provider:
 
         def fn(x, w, bias):
             with common.backend_refusals_as_not_available():
-                if fused:
-                    return pk_ops.adaptive_avg_pool_project(x, w, bias, in_grid=ig, out_grid=og,
-                                                            backend=backend)
-                pooled = pk_ops.adaptive_avg_pool_tokens(x, ig, og, backend=backend)
-                return F.linear(pooled, w, bias)
+                return pk_ops.adaptive_avg_pool_project(x, w, bias, in_grid=ig, out_grid=og,
+                                                        backend=backend, fused=fused)
         return fn
-    name = f"ours[{backend}]" if fused else f"ours-unfused[{backend}]"
-    return Provider(name, setup, note=lambda case: "fused pool+GEMM" if fused else
-                    "pool kernel, then F.linear")
+    name = f"ours-fused[{backend}]" if fused else f"ours[{backend}]"
+    return Provider(name, setup, note=lambda case: "fused pool+GEMM kernel" if fused else
+                    "default: pool kernel, then F.linear")
 
 
 def deco(compiled: bool, args) -> Provider:
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
     provs = []
     if args.smoke:
         provs.append(ours("reference", pk_ops))
-    provs += [ours("triton", pk_ops), ours("cuda", pk_ops), ours("triton", pk_ops, fused=False),
+    provs += [ours("triton", pk_ops), ours("cuda", pk_ops), ours("triton", pk_ops, fused=True),
               deco(False, args), deco(True, args)]
     if args.inject_wrong:
         provs.append(wrong())

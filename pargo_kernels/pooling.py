@@ -148,10 +148,16 @@ _proj_fwd_op.register_autograd(_proj_backward, setup_context=_proj_setup_context
 # --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
-def _triton_reasons(x: Tensor) -> list[str]:
+def _triton_reasons(x: Tensor, fused: bool = False) -> list[str]:
     why = _backend.triton_device_reasons([x])
     if x.dtype not in _KERNEL_DTYPES:
         why.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
+    if fused and not why and x.is_cuda:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        if major * 10 + minor < _triton().FUSED_MIN_ARCH:
+            why.append(f"the fused pooling + projection kernel needs compute capability >= 8.0 "
+                       f"(tensor-core tl.dot), this GPU is sm_{major}{minor}; fused=False "
+                       "runs the pooling kernel, then F.linear")
     return why
 
 
@@ -162,11 +168,11 @@ def _cuda_reasons(x: Tensor) -> list[str]:
     return why
 
 
-def _choose(op: str, x: Tensor, backend: str, cuda_reasons) -> str:
+def _choose(op: str, x: Tensor, backend: str, cuda_reasons, fused: bool = False) -> str:
     return _backend.resolve(
         op, backend,
         reasons={"cuda": cuda_reasons,
-                 "triton": lambda: _triton_reasons(x),
+                 "triton": lambda: _triton_reasons(x, fused),
                  "reference": lambda: []},
         preference=("cuda", "triton", "reference") if x.is_cuda else ("reference",))
 
@@ -268,7 +274,7 @@ def adaptive_avg_pool_project(x: Tensor, weight: Tensor, bias: Optional[Tensor] 
     chosen = _choose("adaptive_avg_pool_project", x, backend,
                      (lambda: ["the fused pooling + projection has no CUDA kernel (Triton only; "
                                "fused=False runs the CUDA pooling, then F.linear)"]) if fused
-                     else (lambda: _cuda_reasons(x)))
+                     else (lambda: _cuda_reasons(x)), fused)
     if chosen == "reference":
         return pool_project_reference(x, weight, bias, in_grid, out_grid)
     if fused:

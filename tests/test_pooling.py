@@ -316,9 +316,12 @@ def test_auto_on_cpu_is_reference_and_float64_works():
      TypeError, "weight must be a floating"),
     (lambda x, w: pk.adaptive_avg_pool_project(x, w.to("meta"), in_grid=(3, 4),
                                                out_grid=(2, 2)), ValueError, "weight is on meta"),
+    (lambda x, w: pk.adaptive_avg_pool_project(x, w, in_grid=(3, 4), out_grid=(2, 2),
+                                               fused=1), TypeError, "fused must be a bool"),
 ], ids=["tokens-vs-in-grid", "grid-not-positive", "grid-not-pair", "grid-float", "grid-3",
         "x-integer", "x-2d", "x-numpy", "bad-backend", "weight-in-features", "weight-dtype",
-        "bias-dtype", "bias-size", "bias-2d", "weight-1d", "weight-integer", "weight-device"])
+        "bias-dtype", "bias-size", "bias-2d", "weight-1d", "weight-integer", "weight-device",
+        "fused-not-bool"])
 def test_validation(call, exc, match):
     x, w = torch.randn(2, 12, 6), torch.randn(5, 6)
     with pytest.raises(exc, match=match):
@@ -330,3 +333,26 @@ def test_siglip_shape_on_gpu():
     for dtype in (torch.bfloat16, torch.float16):
         _check_pool((27, 27), (12, 12), 1152, dtype, "cuda", "triton", B=16)
         _check_project((27, 27), (12, 12), 1152, 512, dtype, "cuda", "triton", B=16)
+
+
+def test_aot_specs_per_arch_leave_out_fused_kernels_below_sm80():
+    """sm_75 gets only the pooling kernels (the dispatcher refuses the fused ones there)."""
+    names = lambda arch: {k.fn.__name__ for k, *_ in pool_triton.aot_specs(arch)}  # noqa: E731
+    assert names(75) == {"_pool_fwd_kernel", "_pool_bwd_kernel"}
+    assert names(80) == names(90) == names(None) >= {"_pool_proj_fwd_kernel",
+                                                     "_pool_proj_dw_kernel",
+                                                     "_pool_proj_dp_kernel"}
+
+
+@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 6), False)])
+def test_fused_refused_below_sm80(capability, refused, monkeypatch):
+    """The capability check of the fused kernel (GPU simulated: no GPU needed)."""
+    from types import SimpleNamespace
+
+    from pargo_kernels import _backend, pooling
+    monkeypatch.setattr(_backend, "triton_device_reasons", lambda tensors: [])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    x = SimpleNamespace(dtype=torch.float16, is_cuda=True, device="cuda:0")
+    why = pooling._triton_reasons(x, fused=True)
+    assert bool(why) == refused and (not why or "sm_75" in why[0])
+    assert pooling._triton_reasons(x, fused=False) == []

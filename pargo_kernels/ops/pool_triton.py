@@ -237,6 +237,10 @@ def _pool_proj_dp_kernel(
 # launch configurations (one table, used by the launchers and by `python -m pargo_kernels.aot`)
 # --------------------------------------------------------------------------------------------
 POOL_BLOCK_CS = (16, 32, 64)
+# The fused GEMM kernels need tensor-core tl.dot: Triton 3.6 compiles them for sm_75 to
+# CUDA-core code that spills (255 registers + ~1 KB), so the dispatcher refuses them there
+# (pooling.py) and aot_specs(75) leaves them out. The pooling kernels run everywhere.
+FUSED_MIN_ARCH = 80
 
 
 def pool_config(c: int, interpret: bool = False) -> dict:
@@ -466,10 +470,12 @@ def pool_project_backward(dy, x, weight, has_bias: bool, in_grid, out_grid):
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (read by pargo_kernels.aot)
 # --------------------------------------------------------------------------------------------
-def aot_specs():
+def aot_specs(arch: int | None = None):
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
-    launchers can make: each dtype x pooling channel tile, each dtype x GEMM kernel x bias.
-    Labels are the ``Launch.label`` of the plans, so the work model can look them up."""
+    launchers can make on ``arch`` (e.g. 75, 86, 90; None: every arch): each dtype x pooling
+    channel tile, and (``arch >= FUSED_MIN_ARCH``) each dtype x GEMM kernel x bias. Labels are
+    the ``Launch.label`` of the plans, so the work model can look them up. Every one of them
+    uses at most 8 KB of shared memory (sm_75's limit is 64 KB)."""
     def split(cfg):
         cfg = dict(cfg)
         return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -480,6 +486,8 @@ def aot_specs():
             label = _label("pool", dtype, pool_config(block_c))
             for kernel in (_pool_fwd_kernel, _pool_bwd_kernel):
                 yield (kernel, ptrs, *split(pool_config(block_c)), label)
+        if arch is not None and arch < FUSED_MIN_ARCH:
+            continue
         cfg, options = split(gemm_config(dtype))
         cfg["PRECISION"] = _precision(dtype)
         for has_bias in (False, True):
