@@ -50,14 +50,19 @@ def op(q, k, v, case, backend):
     return pk.partial_global_attention(q, k, v, case.config["Np"], backend=backend)
 
 
+def make_case(shape, args):
+    """The benchmark case of one ``shapes()`` entry."""
+    name, group, B, h, d, np_, ng, nv = shape
+    mask = PartialGlobalMask(np_ + ng, nv, np_)
+    return attention_case("partial_global", name, group, mask, B, h, d, d, args,
+                          extra=dict(Np=np_, Ng=ng))
+
+
 def main(argv=None) -> int:
     args, rec = common.start("partial_global", __doc__.splitlines()[1], argv)
     providers = common.selected(attention_providers(args, op), args)
-    for name, group, B, h, d, np_, ng, nv in shapes(args):
-        mask = PartialGlobalMask(np_ + ng, nv, np_)
-        case = attention_case("partial_global", name, group, mask, B, h, d, d, args,
-                              extra=dict(Np=np_, Ng=ng))
-        common.run_case(case, providers, rec, args)
+    for shape in shapes(args):
+        common.run_case(make_case(shape, args), providers, rec, args)
     return 0
 
 

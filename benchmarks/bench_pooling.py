@@ -133,6 +133,15 @@ def wrong() -> Provider:
                     note=lambda case: "deliberately wrong: tokens rolled by one")
 
 
+def providers(args, pk_ops) -> list:
+    provs = [ours("reference", pk_ops)] if args.smoke else []
+    provs += [ours("triton", pk_ops), ours("cuda", pk_ops), ours("triton", pk_ops, fused=True),
+              deco(False, args), deco(True, args)]
+    if args.inject_wrong:
+        provs.append(wrong())
+    return provs
+
+
 def import_ours():
     try:
         import pargo_kernels as pk
@@ -158,14 +167,7 @@ def main(argv=None) -> int:
             return 0
         print(f"[pooling] {msg}: running the baselines only", flush=True)
         rec.write_meta()
-    provs = []
-    if args.smoke:
-        provs.append(ours("reference", pk_ops))
-    provs += [ours("triton", pk_ops), ours("cuda", pk_ops), ours("triton", pk_ops, fused=True),
-              deco(False, args), deco(True, args)]
-    if args.inject_wrong:
-        provs.append(wrong())
-    provs = common.selected(provs, args)
+    provs = common.selected(providers(args, pk_ops), args)
     for name, b, ig, og, c, n in shapes(args):
         common.run_case(pooling_case(name, b, ig, og, c, n, args), provs, rec, args)
     return 0

@@ -337,6 +337,38 @@ def _status_err(err: Optional[float], tol: float) -> Optional[str]:
     return f"WRONG ({err:.2e})"
 
 
+def prepare_case(case: Case, args, need_grad: bool):
+    """Steps 1-2 of :func:`run_case`: ``(sets, grad_out, ref_dtype, ref_out, ref_grads)``, the
+    rotated input sets (``sets[0]`` is the one checked), the upstream gradient and the
+    reference on ``sets[0]``."""
+    first = case.make_inputs()
+    set_bytes = sum(t.numel() * t.element_size() for t in first)
+    n_copies = 1 if args.smoke else min(MAX_COPIES, max(1, math.ceil(ROTATE_BYTES / set_bytes)))
+    sets = [first] + [case.make_inputs() for _ in range(n_copies - 1)]
+    grad_out = torch.randn(case.out_shape, device=args.device, dtype=torch.float32).to(args.dtype_t)
+    ref_dt = ref_dtype_for(case, args)
+    ref_out, ref_grads = case.reference(first, grad_out, ref_dt, need_grad)
+    sync(args.device)
+    return sets, grad_out, ref_dt, ref_out, ref_grads
+
+
+def check_provider(fn, case: Case, first, grad_out, ref_out, ref_grads, need_grad: bool,
+                   no_bwd) -> tuple:
+    """Step 3 of :func:`run_case`, the correctness gate: one call of ``fn`` on fresh leaves of
+    ``first`` (forward, and backward unless ``no_bwd``); returns ``(err_out, err_grad)``."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad and not no_bwd) for t in first]
+    out = fn(*leaves)
+    if tuple(out.shape) != tuple(case.out_shape):
+        raise AssertionError(f"output shape {tuple(out.shape)} != {case.out_shape}")
+    err_out, err_grad = rel_error(out, ref_out), None
+    if need_grad and not no_bwd:
+        out.backward(grad_out)
+        errs = [rel_error(x.grad, r) if x.grad is not None else float("inf")
+                for x, r in zip(leaves, ref_grads) if r is not None]
+        err_grad = max(errs) if errs else None
+    return err_out, err_grad
+
+
 def run_case(case: Case, providers: Sequence[Provider], rec: Recorder, args) -> None:
     """Check and time every provider on one case; every outcome becomes rows (see module doc)."""
     dev, modes = args.device, args.modes
@@ -352,14 +384,8 @@ def run_case(case: Case, providers: Sequence[Provider], rec: Recorder, args) -> 
         return skip_all("SKIPPED (time budget)")
     free_memory(dev, full=True)
     try:
-        first = case.make_inputs()
-        set_bytes = sum(t.numel() * t.element_size() for t in first)
-        n_copies = 1 if args.smoke else min(MAX_COPIES, max(1, math.ceil(ROTATE_BYTES / set_bytes)))
-        sets = [first] + [case.make_inputs() for _ in range(n_copies - 1)]
-        grad_out = torch.randn(case.out_shape, device=dev, dtype=torch.float32).to(args.dtype_t)
-        ref_dt = ref_dtype_for(case, args)
-        ref_out, ref_grads = case.reference(first, grad_out, ref_dt, need_grad)
-        sync(dev)
+        sets, grad_out, ref_dt, ref_out, ref_grads = prepare_case(case, args, need_grad)
+        first = sets[0]
     except Exception as exc:
         status = "OOM" if is_oom(exc) else f"ERROR (inputs/reference: {_short(exc)})"
         free_memory(dev, full=True)
@@ -401,18 +427,8 @@ def _run_provider(case, prov, rec, args, first, sets, grad_out, ref_out, ref_gra
     err_out = err_grad = None
     no_bwd = prov.no_backward(case, args)
     try:
-        leaves = [t.detach().clone().requires_grad_(t.requires_grad and not no_bwd)
-                  for t in first]
-        out = fn(*leaves)
-        if tuple(out.shape) != tuple(case.out_shape):
-            raise AssertionError(f"output shape {tuple(out.shape)} != {case.out_shape}")
-        err_out = rel_error(out, ref_out)
-        if need_grad and not no_bwd:
-            out.backward(grad_out)
-            errs = [rel_error(x.grad, r) if x.grad is not None else float("inf")
-                    for x, r in zip(leaves, ref_grads) if r is not None]
-            err_grad = max(errs) if errs else None
-        del out, leaves
+        err_out, err_grad = check_provider(fn, case, first, grad_out, ref_out, ref_grads,
+                                           need_grad, no_bwd)
         sync(dev)
     except NotAvailable as exc:
         for m in modes:
