@@ -1,9 +1,9 @@
 """DeCo (decoupling token compression from semantic abstraction): 2-D adaptive average pooling of
 the patch-token grid to ``query_num`` tokens, then LLaVA-1.5's 2-layer GELU MLP.
 
-``impl="kernels"`` fuses the pooling into the first Linear (:func:`adaptive_avg_pool_project`:
-the pooled tensor never goes to memory); ``impl="reference"`` runs ``F.adaptive_avg_pool2d`` then
-``nn.Linear``.
+``impl="kernels"`` runs the pooling and the first Linear with :func:`adaptive_avg_pool_project`
+(by default the pooling kernel, then ``F.linear``; see its docstring for why not the fused
+kernel); ``impl="reference"`` runs ``F.adaptive_avg_pool2d`` then ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ class DeCoProjector(Projector):
         vision_width, llm_width, visual_grid: as every projector.
         query_num: output tokens, a perfect square (DeCo: 144 = 12x12, or 64); or give
             ``query_grid=(rows, cols)`` instead for a non-square grid.
-        impl: ``"kernels"`` (fused pooling + first Linear) or ``"reference"``.
-        backend: backend of the fused op (``"auto"``, ``"triton"``, ``"reference"``).
+        impl: ``"kernels"`` (adaptive_avg_pool_project: pooling + first Linear) or ``"reference"``.
+        backend: backend of that op (``"auto"``, ``"triton"``, ``"reference"``).
     """
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,

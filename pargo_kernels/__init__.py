@@ -6,7 +6,7 @@ Public ops (all differentiable, registered with ``torch.library``)::
     band_attention(q, k, v, window, *, scale, backend)
     cascade_windows(n_partial, n_layers, mode)
     adaptive_avg_pool_tokens(x, in_grid, out_grid, *, backend)
-    adaptive_avg_pool_project(x, weight, bias, *, in_grid, out_grid, backend)
+    adaptive_avg_pool_project(x, weight, bias, *, in_grid, out_grid, backend, fused)
 
 Masks are small validated objects (:mod:`pargo_kernels.masks`); dense references live in
 :mod:`pargo_kernels.reference`.
