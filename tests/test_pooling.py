@@ -333,6 +333,8 @@ def test_siglip_shape_on_gpu():
     for dtype in (torch.bfloat16, torch.float16):
         _check_pool((27, 27), (12, 12), 1152, dtype, "cuda", "triton", B=16)
         _check_project((27, 27), (12, 12), 1152, 512, dtype, "cuda", "triton", B=16)
+        _check_project((27, 27), (12, 12), 1152, 512, dtype, "cuda", "triton", B=16,
+                       fused=True)
 
 
 def test_aot_specs_per_arch_leave_out_fused_kernels_below_sm80():
@@ -356,3 +358,10 @@ def test_fused_refused_below_sm80(capability, refused, monkeypatch):
     why = pooling._triton_reasons(x, fused=True)
     assert bool(why) == refused and (not why or "sm_75" in why[0])
     assert pooling._triton_reasons(x, fused=False) == []
+
+
+def test_fused_grid_limit_is_a_clear_error():
+    """More row x feature tiles than a 1-D grid holds: a ValueError naming the way out."""
+    with pytest.raises(ValueError, match=r"exceed the 2\*\*31 - 1 programs.*fused=False"):
+        pool_triton.pool_project_fwd_plan(2**20, 64, 2**20, (1, 1), (64, 64), torch.bfloat16,
+                                          True)

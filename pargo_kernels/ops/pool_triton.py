@@ -361,6 +361,10 @@ def _gemm_launch(kernel, rows, cols, red, sizes, dtype, interpret, has_bias=None
     cfg = gemm_config(dtype, interpret)
     tiles = launch_grid(rows, cols, cfg["BLOCK_M"], cfg["BLOCK_N"])
     row_major = kernel in (_pool_proj_fwd_kernel, _pool_proj_dp_kernel)
+    if row_major and tiles[0] * tiles[1] > 2**31 - 1:
+        raise ValueError(f"{kernel.fn.__name__}: {tiles[0]} x {tiles[1]} tiles exceed the "
+                         f"2**31 - 1 programs of a 1-D grid ({rows} x {cols} output); use "
+                         "fused=False")
     grid = (tiles[0] * tiles[1],) if row_major else tiles
     meta = dict(cfg, PRECISION=_precision(dtype, interpret))
     kind = "pool-proj"
