@@ -1,0 +1,165 @@
+"""Projectors against their sources: the released ParGo code (bytedance/ParGo), BLIP-2's Q-Former
+(LAVIS), Honeybee's C-Abstractor (timm RegStage), and the edge cases every projector must take
+(an empty batch, invalid dropout).
+
+The masks and layer layouts are rebuilt here the way the sources build them, independently of
+models/; forward and backward of the kernel path are checked against the float64 dense
+reference with tests/test_projectors.py's rule (``compare``).
+"""
+import math
+
+import pytest
+import torch
+
+import models
+from models.pargo import QuerySelfPattern, _self_attention
+from models.layers import eager_attention
+from pargo_kernels.testing import REL_TOL, rel_error
+from test_projectors import GRID, LLM, SMALL, VISION, WITH_KERNELS, build, compare, perturb_
+
+
+# ---------------------------------------------------------------------------------------------
+# ParGo self-attention: the released static mask and the paper's cascade
+# ---------------------------------------------------------------------------------------------
+def released_self_mask(n_query: int, n_partial: int) -> torch.Tensor:
+    """The released ``get_global_local_attention``'s self-attention mask, rebuilt step by step:
+    start from all ones, zero the partial x partial block and (negative slicing, as there) the
+    global x global block, turn the ones into -inf. Returned as "may attend" booleans."""
+    n_global = n_query - n_partial
+    additive = torch.ones(n_query, n_query)
+    additive[:n_partial, :n_partial] = 0
+    additive[-n_global:, -n_global:] = 0  # n_global = 0: [-0:] is the whole matrix, as there
+    additive = additive.masked_fill(additive == 1, float("-inf"))
+    return additive == 0
+
+
+@pytest.mark.parametrize("np_,ng", [(288, 16), (12, 4), (16, 0), (0, 6), (7, 3)])
+def test_official_self_mask_is_the_released_one_in_every_layer(np_, ng):
+    grid = (24, 24) if np_ == 288 else GRID
+    proj = models.build_projector("pargo", vision_width=8, llm_width=8, visual_grid=grid,
+                                  n_partial=np_, n_global=ng, n_layers=3, hidden=16, heads=2,
+                                  intermediate=16)
+    assert proj.config["self_attn"] == "official"  # the default
+    expected = released_self_mask(np_ + ng, np_)
+    masks = proj.attention_patterns()["self"]
+    assert len(masks) == 3
+    for mask in masks:
+        assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("cfg", [dict(partial_grid=(3, 4)), dict(n_partial=7, n_global=3)],
+                         ids=["2d", "uneven"])
+def test_official_mode_kernels_match_reference(cfg):
+    compare("pargo", perturb_(build("pargo", self_attn="official", **cfg)), torch.float32)
+
+
+@pytest.mark.parametrize("n,np_,window", [(9, 6, None), (9, 6, (2, 1)), (9, 6, (0, 0)),
+                                          (7, 0, None), (7, 7, (1, 3)), (5, 5, (9, 9))])
+def test_self_attention_helper_against_dense_oracle(n, np_, window):
+    """``_self_attention`` (the one call the fused ``pargo_self_attention`` replaces): output and
+    q/k/v gradients against eager float64 attention under the dense mask."""
+    b, h, d = 2, 2, 16
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    g = torch.randn(b, h, n, d, dtype=torch.float64)
+    mask = QuerySelfPattern(np_, n - np_, window).materialize()
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        y = fn(*leaves)
+        y.backward(g.to(dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    got = run(lambda *t: _self_attention(*t, np_, window, backend="triton"), torch.float32)
+    exp = run(lambda *t: eager_attention(*t, mask), torch.float64)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, exp):
+        assert rel_error(a, e) <= REL_TOL[torch.float32], name
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT initialisation as the released init_ParGo
+# ---------------------------------------------------------------------------------------------
+def tiny_bert(n_layers):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=n_layers,
+                                  num_attention_heads=2, intermediate_size=48,
+                                  max_position_embeddings=40, hidden_act="gelu")
+    return perturb_(transformers.BertModel(cfg).eval())
+
+
+@pytest.mark.parametrize("n_bert", [4, 6])
+@pytest.mark.parametrize("copy_ffn", [False, True])
+def test_load_bert_layers_position_embeddings_and_ffn(n_bert, copy_ffn):
+    """A 6-layer projector from a 4- or 6-layer BERT: BERT layer i's self-attention (and, with
+    copy_ffn, its feed-forward) computes what BERT's does in layer i < n_bert; every other
+    parameter keeps its value; the query embeddings are BERT's LayerNorm(queries + position
+    embeddings)."""
+    bert = tiny_bert(n_bert)
+    proj = build("pargo", n_partial=12, n_global=4, n_layers=6).eval()
+    before = {n: p.detach().clone() for n, p in proj.named_parameters()}
+    loaded = proj.load_bert(bert, copy_ffn=copy_ffn)
+    per_layer = 10 + (6 if copy_ffn else 0)
+    assert len(loaded) == n_bert * per_layer + 3
+    x = torch.randn(2, 16, 32)
+    full = QuerySelfPattern(0, 16)
+    with torch.no_grad():
+        for i in range(n_bert):
+            ours, theirs = proj.layers[i], bert.encoder.layer[i]
+            a = ours.attention(x, x, full, "reference", "auto")
+            torch.testing.assert_close(a, theirs.attention(x)[0], rtol=1e-5, atol=1e-5)
+            bert_ffn = theirs.output(theirs.intermediate(a), a)
+            assert (rel_error(ours.ffn(a), bert_ffn) < 1e-5) == copy_ffn
+        emb = bert.embeddings
+        expected = emb.LayerNorm(proj.queries + emb.position_embeddings.weight[:16])
+        torch.testing.assert_close(proj.query_embeddings(1), expected, rtol=1e-5, atol=1e-5)
+    changed = {n for n, p in proj.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"layers.{n}" if n[0].isdigit() else n for n in loaded}
+    assert not any(n.startswith(f"layers.{i}.") for n in changed for i in range(n_bert, 6))
+    assert not any(".crossattention." in n for n in changed)
+
+
+def test_load_bert_refuses_mismatches():
+    bert = tiny_bert(2)
+    with pytest.raises(ValueError, match="hidden or intermediate"):
+        build("pargo", hidden=16).load_bert(bert)
+    with pytest.raises(ValueError, match="hidden or intermediate"):
+        build("pargo", intermediate=40).load_bert(bert, copy_ffn=True)
+    with pytest.raises(ValueError, match="heads"):
+        build("pargo", heads=4).load_bert(bert)
+    with pytest.raises(ValueError, match="position embeddings"):  # 44 queries, 40 positions
+        build("pargo", n_partial=40, n_global=4).load_bert(bert)
+    build("pargo", intermediate=40).load_bert(bert)  # the feed-forward is not loaded
+    build("pargo", n_partial=40, n_global=4, pos_emb=False).load_bert(bert)
+
+
+# ---------------------------------------------------------------------------------------------
+# every projector: an empty batch, invalid dropout
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["kernels", "reference"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_empty_batch(name, impl):
+    proj = perturb_(build(name))
+    x = torch.randn(0, 48, VISION, requires_grad=True)
+    y = proj(x, impl=impl) if name in WITH_KERNELS else proj(x)
+    assert y.shape == (0, proj.num_visual_tokens, LLM)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for n, p in proj.named_parameters():
+        assert p.grad is not None and not p.grad.any(), n
+
+
+@pytest.mark.parametrize("name", ["pargo", "qformer"])
+@pytest.mark.parametrize("bad,error", [(math.nan, ValueError), (-0.1, ValueError),
+                                       (1.0, ValueError), (math.inf, ValueError),
+                                       ("0.1", TypeError), (True, TypeError), (None, TypeError)])
+def test_invalid_dropout_is_refused(name, bad, error):
+    with pytest.raises(error, match="dropout"):
+        build(name, dropout=bad)
+
+
+def test_dropout_is_applied():
+    proj = perturb_(build("pargo", dropout=0.5)).train()
+    x = torch.randn(2, 48, VISION)
+    assert not torch.equal(proj(x), proj(x))
+    proj.eval()
+    assert torch.equal(proj(x), proj(x))
+
