@@ -163,3 +163,52 @@ def test_dropout_is_applied():
     proj.eval()
     assert torch.equal(proj(x), proj(x))
 
+
+# ---------------------------------------------------------------------------------------------
+# C-Abstractor as Honeybee builds it (timm RegStage, group_size=1)
+# ---------------------------------------------------------------------------------------------
+def regstage_block_params(c_in: int, c_out: int) -> int:
+    """Parameters of timm's regnet ``Bottleneck(c_in, c_out)`` with Honeybee's arguments
+    (bottle_ratio 1, group_size 1, se_ratio 0.25, LayerNorm2d), from its layer definitions:
+    ConvNormAct = bias-free conv + norm (weight, bias)."""
+    mid = c_out
+    norm = 2 * mid
+    conv1 = c_in * mid + norm
+    groups = mid // 1  # bottleneck channels // group_size
+    conv2 = mid * (mid // groups) * 3 * 3 + norm
+    rd = round(c_in * 0.25)
+    se = (mid * rd + rd) + (rd * mid + mid)  # fc1, fc2 (1x1 convs with bias)
+    conv3 = mid * c_out + 2 * c_out
+    downsample = c_in * c_out + 2 * c_out if c_in != c_out else 0
+    return conv1 + conv2 + se + conv3 + downsample
+
+
+def honeybee_params(vision, llm, n_tokens, hidden, depth, mlp_depth) -> int:
+    pos_emb = n_tokens * vision
+    stages = regstage_block_params(vision, hidden) + \
+        (2 * depth - 1) * regstage_block_params(hidden, hidden)
+    readout = (hidden * llm + llm) + (mlp_depth - 1) * (llm * llm + llm)
+    return pos_emb + stages + readout
+
+
+@pytest.mark.parametrize("vision,llm,grid,cfg", [
+    (1024, 4096, (24, 24), {}),                               # Honeybee's C-Abstractor
+    (24, 40, GRID, dict(num_queries=9, hidden=16, depth=2)),  # width change: conv shortcut
+])
+def test_cabstractor_parameter_count_is_honeybees(vision, llm, grid, cfg):
+    proj = models.build_projector("cabstractor", vision_width=vision, llm_width=llm,
+                                  visual_grid=grid, **cfg)
+    c = proj.config
+    expected = honeybee_params(vision, llm, grid[0] * grid[1], c["hidden"], c["depth"],
+                               c["mlp_depth"])
+    assert sum(p.numel() for p in proj.parameters()) == expected
+    if vision == 1024:
+        assert expected == 37_398_016  # "about 37 M" (Honeybee), not 94 M (full 3x3 convs)
+
+
+def test_cabstractor_is_depthwise_with_silu_readout():
+    proj = build("cabstractor", hidden=16, depth=2, mlp_depth=3)
+    for block in [*proj.stage1, *proj.stage2]:
+        assert block.conv2.groups == block.conv2.in_channels == block.conv2.out_channels
+    acts = [m for m in proj.readout if not isinstance(m, torch.nn.Linear)]
+    assert len(acts) == 2 and all(isinstance(m, torch.nn.SiLU) for m in acts)
