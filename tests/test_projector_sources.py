@@ -212,3 +212,46 @@ def test_cabstractor_is_depthwise_with_silu_readout():
         assert block.conv2.groups == block.conv2.in_channels == block.conv2.out_channels
     acts = [m for m in proj.readout if not isinstance(m, torch.nn.Linear)]
     assert len(acts) == 2 and all(isinstance(m, torch.nn.SiLU) for m in acts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q-Former: ParGo's baseline (default) and BLIP-2's configuration
+# ---------------------------------------------------------------------------------------------
+def layer_sizes(proj):
+    layer = proj.layers[0]
+    return dict(n_query=proj.num_visual_tokens, n_layers=len(proj.layers),
+                hidden=layer.attention.query.in_features, heads=layer.attention.heads,
+                intermediate=layer.ffn.intermediate.out_features,
+                cross=[i for i, lyr in enumerate(proj.layers) if lyr.crossattention is not None],
+                pos_emb=proj.position_embeddings is not None)
+
+
+def test_qformer_presets():
+    """Default: ParGo's baseline (304 queries, 6 bert-small-sized layers, cross-attention in
+    every layer). ``preset="blip2"``: LAVIS ``init_Qformer`` (bert-base-uncased: 12 layers,
+    768 wide, 12 heads, intermediate 3072; 32 queries; cross_attention_freq=2, i.e. layers 0, 2,
+    ..., 10; no position embeddings on the queries)."""
+    with torch.device("meta"):  # sizes only: no 100 M random numbers
+        baseline = models.build_projector("qformer", vision_width=1024, llm_width=64)
+        blip2 = models.build_projector("qformer", vision_width=1408, llm_width=64,
+                                       visual_grid=(16, 16), preset="blip2")
+        again = models.projector_from_config(blip2.config)
+    assert layer_sizes(baseline) == dict(n_query=304, n_layers=6, hidden=512, heads=8,
+                                         intermediate=2048, cross=list(range(6)), pos_emb=True)
+    assert layer_sizes(blip2) == dict(n_query=32, n_layers=12, hidden=768, heads=12,
+                                      intermediate=3072, cross=[0, 2, 4, 6, 8, 10],
+                                      pos_emb=False)
+    assert layer_sizes(again) == layer_sizes(blip2)
+    assert blip2.attention_patterns()["cross"][1] is None
+    with pytest.raises(ValueError, match="preset"):
+        build("qformer", preset="blip3")
+    with pytest.raises(ValueError, match="cross_attention_freq"):
+        build("qformer", cross_attention_freq=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qformer_blip2_tiny_matches_reference(dtype):
+    proj = build("qformer", preset="blip2", n_query=6, n_layers=4, hidden=32, heads=2,
+                 intermediate=48)
+    assert layer_sizes(proj)["cross"] == [0, 2]
+    compare("qformer", perturb_(proj), dtype)
