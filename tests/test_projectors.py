@@ -94,7 +94,7 @@ def test_kernels_match_reference(name, dtype):
     compare(name, perturb_(build(name)), dtype)
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize("cfg", [      # self_attn="official" (the default) unless given
     dict(self_attn="cascade"),          # the paper's cascade, symmetric bands
     dict(self_attn="cascade", cascade_mode="causal"),
     dict(partial_grid=(3, 4)),          # 2-D windows over the 6x8 grid
