@@ -249,3 +249,16 @@ def test_qformer_blip2_tiny_matches_reference(dtype):
                  intermediate=48)
     assert layer_sizes(proj)["cross"] == [0, 2]
     compare("qformer", perturb_(proj), dtype)
+
+
+def test_relevance_skips_layers_without_cross_attention():
+    from models.digits.relevance import capture_attention, projector_relevance
+    proj = build("qformer", preset="blip2", n_query=6, n_layers=3, hidden=32, heads=2,
+                 intermediate=48, impl="reference").eval()
+    x = torch.randn(2, 48, VISION)
+    with capture_attention(proj) as rec:
+        proj(x)
+    assert [(i, k) for i, k, _ in rec] == [(0, "self"), (0, "cross"), (1, "self"), (2, "self"),
+                                          (2, "cross")]
+    rel = projector_relevance(proj, x, lambda o: o[:, 0].sum())
+    assert rel["per_query"].shape == (2, 6, 48) and torch.isfinite(rel["patch"]).all()
