@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import models
-from models.pargo import QuerySelfPattern, _self_attention
 from models.layers import eager_attention
+from models.pargo import QuerySelfPattern, _self_attention
 from pargo_kernels.testing import REL_TOL, rel_error
-from test_projectors import GRID, LLM, SMALL, VISION, WITH_KERNELS, build, compare, perturb_
+from test_projectors import GRID, LLM, VISION, WITH_KERNELS, build, compare, perturb_
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_load_bert_refuses_mismatches():
 # every projector: an empty batch, invalid dropout
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["kernels", "reference"])
-@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("name", models.projector_names())  # a new one needs a SMALL entry
 def test_empty_batch(name, impl):
     proj = perturb_(build(name))
     x = torch.randn(0, 48, VISION, requires_grad=True)
