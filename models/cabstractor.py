@@ -1,5 +1,7 @@
-"""Honeybee's C-Abstractor: convolutional (ResNet / RegNet bottleneck) blocks on the patch grid,
-adaptive average pooling to ``num_queries`` tokens, more blocks, and an MLP read-out.
+"""Honeybee's C-Abstractor: RegNet bottleneck stages (timm's ``RegStage``: depthwise 3x3
+convolutions, squeeze-excitation, SiLU, LayerNorm2d) on the patch grid, adaptive average pooling
+to ``num_queries`` tokens, more stages, and an MLP read-out with SiLU. 1024 -> 4096 at Honeybee's
+sizes: 37,398,016 parameters (tests/test_projector_sources.py).
 
 The pooling runs through :func:`pargo_kernels.adaptive_avg_pool_tokens` with ``impl="kernels"``
 (``F.adaptive_avg_pool2d`` with ``impl="reference"``); the convolutions are cuDNN's.
@@ -27,18 +29,25 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class Bottleneck(nn.Module):
-    """RegNet-style bottleneck (as timm's ``RegStage`` blocks that Honeybee stacks): 1x1 conv,
-    3x3 conv, squeeze-excitation, 1x1 conv, LayerNorm2d after each conv, SiLU, residual (a 1x1
-    conv + norm on the shortcut when the width changes)."""
+    """timm's RegNet ``Bottleneck`` as Honeybee's ``RegStage`` builds it (``bottle_ratio=1``,
+    ``group_size=1``, ``se_ratio=0.25``, SiLU, LayerNorm2d, ``downsample="conv1x1"``): 1x1 conv,
+    depthwise 3x3 conv (``groups = channels / group_size``), squeeze-excitation of
+    ``round(c_in * se_ratio)`` channels, 1x1 conv, a norm after each conv, SiLU after the first
+    two and after the residual sum; the shortcut is a 1x1 conv + norm when the width changes.
+
+    Written here rather than imported because timm is not a dependency (it pulls torchvision);
+    tests/test_projector_sources.py checks the layer shapes against timm's definition."""
 
     def __init__(self, c_in: int, c_out: int, se_ratio: float = 0.25):
         super().__init__()
-        mid = c_out
+        mid = c_out  # bottle_ratio = 1
         self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
         self.norm1 = LayerNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False)  # group_size 1
         self.norm2 = LayerNorm2d(mid)
-        se = max(1, int(round(c_in * se_ratio)))
+        # timm's SEModule: rd_channels = round(c_in * se_ratio), or when that is 0, its default
+        # make_divisible(mid / 16, 8) (only tiny widths reach it).
+        se = int(round(c_in * se_ratio)) or max(8, int(mid / 16 + 4) // 8 * 8)
         self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(mid, se, 1), nn.SiLU(),
                                 nn.Conv2d(se, mid, 1), nn.Sigmoid())
         self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
@@ -66,7 +75,8 @@ class CAbstractor(Projector):
         num_queries: output tokens, a perfect square (Honeybee: 144 or 256); or
             ``query_grid=(rows, cols)``.
         hidden: width of the convolutional stages (Honeybee: 1024). depth: blocks per stage
-            (Honeybee: 3). mlp_depth: Linear layers of the read-out (Honeybee: 2, GELU between).
+            (Honeybee: 3). mlp_depth: Linear layers of the read-out (Honeybee: 2, SiLU between,
+            its ``build_mlp``).
         pos_emb: add a learnable position embedding to the input tokens (Honeybee does).
         impl / backend: pooling by ``adaptive_avg_pool_tokens`` (``"kernels"``) or
             ``F.adaptive_avg_pool2d`` (``"reference"``).
@@ -97,7 +107,7 @@ class CAbstractor(Projector):
         self.stage2 = _stage(depth, hidden, hidden)
         readout: list[nn.Module] = [nn.Linear(hidden, llm_width)]
         for _ in range(mlp_depth - 1):
-            readout += [nn.GELU(), nn.Linear(llm_width, llm_width)]
+            readout += [nn.SiLU(), nn.Linear(llm_width, llm_width)]
         self.readout = nn.Sequential(*readout)
 
     def forward(self, x: Tensor, impl: Optional[str] = None) -> Tensor:

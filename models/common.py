@@ -2,19 +2,32 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import nn
 
 from pargo_kernels._validate import check_grid, check_int
 
-__all__ = ["IMPLS", "Projector", "check_grid", "check_impl", "check_int", "check_pos_int",
-           "resolve_query_grid"]
+__all__ = ["IMPLS", "Projector", "check_dropout", "check_grid", "check_impl", "check_int",
+           "check_pos_int", "resolve_query_grid"]
 
 IMPLS = ("kernels", "reference")
 
 
 def check_pos_int(name: str, value) -> int:
     return check_int(name, value, 1)
+
+
+def check_dropout(value) -> float:
+    """A dropout probability: a real number in ``[0, 1)`` (NaN, infinities and 1, which would
+    zero every sub-layer output in training, are refused; ``nn.Dropout`` itself lets NaN
+    through)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"dropout must be a real number in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:  # also False for NaN
+        raise ValueError(f"dropout must be a probability in [0, 1), got {value}")
+    return value
 
 
 def resolve_query_grid(num_name: str, num, query_grid) -> tuple[int, int]:

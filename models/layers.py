@@ -4,10 +4,10 @@ reference.
 
 One layer is, in order (post-LayerNorm residuals, as in BERT and BLIP-2's Q-Former):
 
-1. self-attention among the queries (ParGo: a band among the partial queries, full among the
-   global ones, nothing across; Q-Former: full),
+1. self-attention among the queries (ParGo: partial queries among themselves, global ones among
+   themselves, :class:`models.pargo.QuerySelfPattern`; Q-Former: full),
 2. cross-attention from the queries to the visual features (ParGo: the partial-global mask;
-   Q-Former: full),
+   Q-Former: full), absent in a layer built with ``cross=False`` (BLIP-2's every other layer),
 3. feed-forward (Linear, GELU, Linear).
 
 Module names follow Hugging Face's ``BertLayer`` (``query``/``key``/``value``/``dense``/
@@ -21,44 +21,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from pargo_kernels import band_attention, partial_global_attention
-from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels import partial_global_attention
+from pargo_kernels.masks import PartialGlobalMask
 
 
 # --------------------------------------------------------------------------------------------
 # attention patterns: what a query may see, as small objects (never a dense mask on the fast path)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class QuerySelfPattern:
-    """Self-attention among ``n_partial + n_global`` queries: partial query ``i`` sees partial
-    query ``j`` iff ``i - left <= j <= i + right`` (``window``); global queries see all global
-    queries; partial and global queries do not see each other."""
-
-    n_partial: int
-    n_global: int
-    window: tuple[int, int]
-
-    def kernels(self, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-        np_, ng = self.n_partial, self.n_global
-        parts = []
-        if np_:
-            parts.append(band_attention(q[:, :, :np_], k[:, :, :np_], v[:, :, :np_],
-                                        self.window, backend=backend))
-        if ng:
-            parts.append(band_attention(q[:, :, np_:], k[:, :, np_:], v[:, :, np_:],
-                                        (ng - 1, ng - 1), backend=backend))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-    def materialize(self, device=None) -> Tensor:
-        """Dense boolean ``[N, N]`` mask (reference path and tests only)."""
-        np_, ng = self.n_partial, self.n_global
-        mask = torch.zeros(np_ + ng, np_ + ng, dtype=torch.bool, device=device)
-        if np_:
-            mask[:np_, :np_] = BandMask(np_, *self.window).materialize(device)
-        mask[np_:, np_:] = True
-        return mask
-
-
 @dataclass(frozen=True)
 class CrossPattern:
     """Cross-attention of ``n_query`` queries to ``n_key`` visual tokens with the partial-global
@@ -116,8 +85,8 @@ class Attention(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
 
     def _heads(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)  # [B, H, N, d], no copy
+        b, n, width = x.shape  # explicit head size: -1 is ambiguous when B or N is 0
+        return x.view(b, n, self.heads, width // self.heads).transpose(1, 2)  # [B, H, N, d]
 
     def forward(self, x: Tensor, source: Tensor, pattern, impl: str, backend: str) -> Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(source)), \
@@ -147,70 +116,101 @@ class FeedForward(nn.Module):
 
 
 class QueryLayer(nn.Module):
-    """Self-attention, cross-attention to the visual features, feed-forward."""
+    """Self-attention, cross-attention to the visual features (``cross=False``: none,
+    ``crossattention`` is None), feed-forward."""
 
     def __init__(self, hidden: int, heads: int, intermediate: int, vision_width: int,
-                 eps: float = 1e-12, dropout: float = 0.0):
+                 eps: float = 1e-12, dropout: float = 0.0, cross: bool = True):
         super().__init__()
         self.attention = Attention(hidden, heads, hidden, eps, dropout)
-        self.crossattention = Attention(hidden, heads, vision_width, eps, dropout)
+        self.crossattention = Attention(hidden, heads, vision_width, eps, dropout) \
+            if cross else None
         self.ffn = FeedForward(hidden, intermediate, eps, dropout)
 
     def forward(self, x: Tensor, visual: Tensor, self_pattern, cross_pattern, impl: str,
                 backend: str) -> Tensor:
         x = self.attention(x, x, self_pattern, impl, backend)
-        x = self.crossattention(x, visual, cross_pattern, impl, backend)
+        if self.crossattention is not None:
+            x = self.crossattention(x, visual, cross_pattern, impl, backend)
         return self.ffn(x)
 
 
-def load_bert_weights(layers: nn.ModuleList, query_norm: Optional[nn.LayerNorm], bert) -> list[str]:
-    """Copy a Hugging Face ``BertModel``'s (or its ``state_dict``'s) weights into ``layers``: each
-    layer's self-attention, its feed-forward and (``query_norm``) the embeddings' LayerNorm, as
-    BLIP-2 and the official ParGo initialise from BERT. The first ``len(layers)`` BERT layers are
-    used. Cross-attention weights have no BERT counterpart and keep their initialisation.
+# BERT parameter names (Hugging Face BertLayer) of ours, without the "weight" / "bias" suffix.
+_BERT_ATTENTION = {
+    "attention.query": "attention.self.query", "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
+    "attention.LayerNorm": "attention.output.LayerNorm",
+}
+_BERT_FFN = {"ffn.intermediate": "intermediate.dense", "ffn.output": "output.dense",
+             "ffn.LayerNorm": "output.LayerNorm"}
 
-    Returns the names of the parameters that were loaded. Raises ``ValueError`` when BERT has
-    fewer layers, another width or (given a ``BertModel``) another head count than the projector.
-    A bare state dict carries no head count: the caller vouches for it.
+
+def load_bert_weights(layers: nn.ModuleList, query_norm: Optional[nn.LayerNorm], bert, *,
+                      position_embeddings: Optional[nn.Parameter] = None,
+                      copy_ffn: bool = False) -> list[str]:
+    """Copy a Hugging Face ``BertModel``'s (or its ``state_dict``'s) weights into a query
+    transformer, as the released ParGo ``init_ParGo`` does (``BertLMHeadModel.from_pretrained``):
+
+    * BERT layer ``i``'s self-attention into ``layers[i]``, for ``i < min(len(layers), n_bert)``:
+      a BERT with more layers lends its first ones; with fewer, the projector's extra layers
+      keep their fresh initialisation;
+    * the feed-forward only with ``copy_ffn=True``. The release keeps BERT's text feed-forward
+      (``intermediate`` / ``output``, unused for the queries) apart from a freshly initialised
+      query feed-forward (``intermediate_query`` / ``output_query``), so by default ours stays
+      fresh; BLIP-2's stage 1 copies the text one into it (``copy_ffn=True``);
+    * ``position_embeddings`` (``[1, N, hidden]``, when given): BERT's first ``N`` absolute
+      position embeddings; ``query_norm``: the embeddings' LayerNorm.
+
+    Cross-attention has no BERT counterpart and keeps its initialisation. Returns the names of
+    the loaded parameters. Raises ``ValueError`` when BERT has no layers, another width,
+    another intermediate size (with ``copy_ffn``), fewer position embeddings than queries or
+    (given a ``BertModel``) another head count than the projector; a bare state dict carries
+    no head count: the caller vouches for it.
     """
     sd = bert.state_dict() if isinstance(bert, nn.Module) else dict(bert)
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     n_bert = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer.")),
                      default=-1)
-    if n_bert < len(layers):
-        raise ValueError(f"bert has {n_bert} layers but the projector has {len(layers)}")
-    names = {
-        "attention.query": "attention.self.query", "attention.key": "attention.self.key",
-        "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
-        "attention.LayerNorm": "attention.output.LayerNorm",
-        "ffn.intermediate": "intermediate.dense", "ffn.output": "output.dense",
-        "ffn.LayerNorm": "output.LayerNorm",
-    }
-    ours = {}
-    for i, layer in enumerate(layers):
-        for mine, theirs in names.items():
-            for p in ("weight", "bias"):
-                ours[f"{i}.{mine}.{p}"] = f"encoder.layer.{i}.{theirs}.{p}"
-    loaded = []
-    own = dict(layers.named_parameters())
+    if n_bert == 0:
+        raise ValueError("bert weights hold no encoder layer ('encoder.layer.<i>.*')")
     heads = layers[0].attention.heads
     if isinstance(bert, nn.Module) and hasattr(bert, "config"):
         if bert.config.num_attention_heads != heads:
             raise ValueError(f"bert has {bert.config.num_attention_heads} attention heads but "
                              f"the projector has {heads}")
-    with torch.no_grad():
-        for mine, theirs in ours.items():
-            if theirs not in sd:
-                raise ValueError(f"bert weights lack {theirs!r}")
-            if sd[theirs].shape != own[mine].shape:
-                raise ValueError(f"bert {theirs} has shape {tuple(sd[theirs].shape)} but the "
-                                 f"projector's {mine} has {tuple(own[mine].shape)} (hidden or "
-                                 "intermediate size differ)")
-            own[mine].copy_(sd[theirs])
-            loaded.append(mine)
-        if query_norm is not None:
+    names = {**_BERT_ATTENTION, **(_BERT_FFN if copy_ffn else {})}
+    pairs = {}  # our parameter -> (its name in the returned list, BERT's tensor name)
+    own = {}
+    for i in range(min(len(layers), n_bert)):
+        for mine, theirs in names.items():
             for p in ("weight", "bias"):
-                src = sd[f"embeddings.LayerNorm.{p}"]
-                getattr(query_norm, p).copy_(src)
-                loaded.append(f"query_norm.{p}")
-    return loaded
+                own[f"{i}.{mine}.{p}"] = layers[i].get_parameter(f"{mine}.{p}")
+                pairs[f"{i}.{mine}.{p}"] = f"encoder.layer.{i}.{theirs}.{p}"
+    if query_norm is not None:
+        for p in ("weight", "bias"):
+            own[f"query_norm.{p}"] = getattr(query_norm, p)
+            pairs[f"query_norm.{p}"] = f"embeddings.LayerNorm.{p}"
+    sources = {}
+    for mine, theirs in pairs.items():
+        if theirs not in sd:
+            raise ValueError(f"bert weights lack {theirs!r}")
+        if sd[theirs].shape != own[mine].shape:
+            raise ValueError(f"bert {theirs} has shape {tuple(sd[theirs].shape)} but the "
+                             f"projector's {mine} has {tuple(own[mine].shape)} (hidden or "
+                             "intermediate size differ)")
+        sources[mine] = sd[theirs]
+    if position_embeddings is not None:
+        name = "embeddings.position_embeddings.weight"
+        if name not in sd:
+            raise ValueError(f"bert weights lack {name!r}")
+        n, width = position_embeddings.shape[1:]
+        table = sd[name]
+        if table.shape[1] != width or table.shape[0] < n:
+            raise ValueError(f"bert {name} has shape {tuple(table.shape)}; the projector needs "
+                             f"at least {n} position embeddings of width {width}")
+        own["position_embeddings"] = position_embeddings
+        sources["position_embeddings"] = table[:n].unsqueeze(0)
+    with torch.no_grad():
+        for mine, src in sources.items():
+            own[mine].copy_(src)
+    return list(sources)

@@ -1,47 +1,98 @@
 """ParGo (partial-global projector, AAAI 2025) and its Q-Former baseline.
 
-``ParGoProjector``: ``n_partial`` partial and ``n_global`` global learnable queries pass through
-``n_layers`` layers of
+``ParGoProjector``: ``n_partial`` partial and ``n_global`` global learnable queries (plus BERT's
+absolute position embeddings, LayerNorm-ed as BERT's embeddings) pass through ``n_layers``
+layers of
 
-* Cascaded Partial Perception: banded self-attention among the partial queries, the band of
-  layer ``l`` of ``d`` spanning ``ceil(l * n_partial / d)`` adjacent queries
-  (:func:`pargo_kernels.cascade_windows`); self-attention among the global queries;
+* self-attention among the queries: partial queries see partial queries, global queries see
+  global queries, nothing crosses. ``self_attn="official"`` (default): every partial query sees
+  every partial query, in every layer (the static mask of the released code,
+  ``get_global_local_attention`` in bytedance/ParGo). ``self_attn="cascade"``: the paper's
+  Cascaded Partial Perception, a band among the partial queries whose width grows with the
+  layer (:func:`pargo_kernels.cascade_windows`);
 * Partial-Global Perception: cross-attention to the visual features, partial query ``i`` seeing
   only its window of patch tokens, global queries seeing all of them;
 * feed-forward,
 
 then a linear map to the LLM width. ``QFormerProjector`` is the same stack with global queries
-only and full self-attention (the paper's baseline, Table 3 and 6).
+only and full self-attention (ParGo's baseline by default, BLIP-2's Q-Former with
+``preset="blip2"``).
 
 ``impl="kernels"`` runs the block-sparse Triton / CUDA ops; ``impl="reference"`` materialises the
-dense masks and runs eager attention, as the official code does. They compute the same function
-(tests/test_projectors.py).
+dense masks and runs eager attention (the released code's computation). Both compute the same
+function (tests/test_projectors.py, tests/test_projector_sources.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from pargo_kernels import cascade_windows
+from pargo_kernels import band_attention, cascade_windows
 from pargo_kernels.attention import CASCADE_MODES
-from pargo_kernels.masks import PartialGlobalMask
+from pargo_kernels.masks import BandMask, PartialGlobalMask
 
-from .common import Projector, check_grid, check_impl, check_int, check_pos_int
-from .layers import CrossPattern, QueryLayer, QuerySelfPattern, load_bert_weights
+from .common import (Projector, check_dropout, check_grid, check_impl, check_int,
+                     check_pos_int)
+from .layers import CrossPattern, QueryLayer, load_bert_weights
 from .registry import register_projector
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
+SELF_ATTN_MODES = ("official", "cascade")
+
+
+def _self_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int,
+                    window: Optional[tuple[int, int]] = None, *, backend: str = "auto") -> Tensor:
+    """The self-attention of every ParGo / Q-Former layer (``q, k, v``: ``[B, H, N, D]``): rows
+    ``[0, n_partial)`` attend to keys ``[0, n_partial)`` within the band ``window=(left, right)``
+    (``None``: all partial keys, the released mask), rows ``[n_partial, N)`` to keys
+    ``[n_partial, N)``. Two launches (a band over the partials, a full band over the globals)
+    and a concatenation. Same signature and semantics as the fused one-launch
+    ``pargo_kernels.pargo_self_attention``, which replaces this body when it lands."""
+    n = q.shape[2]
+    parts = []
+    for lo, hi, w in ((0, n_partial, window), (n_partial, n, None)):
+        if hi > lo:
+            w = (hi - lo - 1, hi - lo - 1) if w is None else w
+            parts.append(band_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], w,
+                                        backend=backend))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+@dataclass(frozen=True)
+class QuerySelfPattern:
+    """Self-attention among ``n_partial + n_global`` queries: partial query ``i`` sees partial
+    query ``j`` iff ``i - left <= j <= i + right`` (``window``; ``None``: every partial query);
+    global queries see all global queries; partial and global queries do not see each other."""
+
+    n_partial: int
+    n_global: int
+    window: Optional[tuple[int, int]] = None
+
+    def kernels(self, q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+        return _self_attention(q, k, v, self.n_partial, self.window, backend=backend)
+
+    def materialize(self, device=None) -> Tensor:
+        """Dense boolean ``[N, N]`` mask (reference path and tests only)."""
+        np_, ng = self.n_partial, self.n_global
+        mask = torch.zeros(np_ + ng, np_ + ng, dtype=torch.bool, device=device)
+        if np_:
+            mask[:np_, :np_] = True if self.window is None else \
+                BandMask(np_, *self.window).materialize(device)
+        mask[np_:, np_:] = True
+        return mask
 
 
 class _QueryProjector(Projector):
-    """Learnable queries + :class:`QueryLayer` stack + output Linear; the masks are chosen by the
-    subclass through ``n_partial``, ``partial_grid`` and the per-layer self-attention windows."""
+    """Learnable queries (+ position embeddings) + :class:`QueryLayer` stack + output Linear;
+    the masks are chosen by the subclass through ``n_partial``, ``partial_grid`` and the
+    per-layer self-attention windows."""
 
     def __init__(self, config: dict, *, n_partial: int, n_global: int, windows, partial_grid,
                  hidden: int, heads: int, intermediate: int, n_layers: int, impl: str,
-                 backend: str, dropout: float):
+                 backend: str, dropout: float, pos_emb: bool, cross_attention_freq: int = 1):
         super().__init__(config)
         if hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
@@ -56,19 +107,27 @@ class _QueryProjector(Projector):
         self.num_visual_tokens = n_partial + n_global
         self.vision_norm = nn.LayerNorm(self.vision_width)
         self.queries = nn.Parameter(torch.empty(1, self.num_visual_tokens, hidden))
+        # BERT's absolute position embeddings of the query positions (the released ParGo code
+        # adds them in its BertEmbeddings; BLIP-2's Q-Former adds none).
+        self.position_embeddings = nn.Parameter(torch.empty(1, self.num_visual_tokens, hidden)) \
+            if pos_emb else None
         self.query_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.query_dropout = nn.Dropout(dropout)
+        # Cross-attention in layer i iff i % cross_attention_freq == 0 (BLIP-2's rule).
         self.layers = nn.ModuleList(
-            QueryLayer(hidden, heads, intermediate, self.vision_width, dropout=dropout)
-            for _ in range(n_layers))
+            QueryLayer(hidden, heads, intermediate, self.vision_width, dropout=dropout,
+                       cross=i % cross_attention_freq == 0)
+            for i in range(n_layers))
         self.proj = nn.Linear(hidden, self.llm_width)
-        self.self_patterns = [QuerySelfPattern(n_partial, n_global, tuple(w)) for w in windows]
+        self.self_patterns = [QuerySelfPattern(n_partial, n_global, w) for w in windows]
         grids = (self.visual_grid, partial_grid) if partial_grid is not None else (None, None)
         self.cross_pattern = CrossPattern(PartialGlobalMask(
             self.num_visual_tokens, self.num_input_tokens, n_partial, *grids))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """BERT initialisation: N(0, 0.02) weights and queries, zero biases, unit LayerNorms."""
+        """BERT initialisation: N(0, 0.02) weights, queries and position embeddings, zero
+        biases, unit LayerNorms."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -77,12 +136,22 @@ class _QueryProjector(Projector):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.queries, std=0.02)
+        if self.position_embeddings is not None:
+            nn.init.normal_(self.position_embeddings, std=0.02)
 
-    def load_bert(self, bert) -> list[str]:
-        """Initialise self-attention, feed-forward and the query LayerNorm from a Hugging Face
-        ``BertModel`` (or its state dict), as the official code does from bert-small
-        (:func:`models.layers.load_bert_weights`)."""
-        return load_bert_weights(self.layers, self.query_norm, bert)
+    def load_bert(self, bert, *, copy_ffn: bool = False) -> list[str]:
+        """Initialise from a Hugging Face ``BertModel`` (or its state dict) as the released
+        ``init_ParGo`` does: BERT layer ``i``'s self-attention into layer ``i``, the first
+        ``num_visual_tokens`` position embeddings, the embeddings' LayerNorm into
+        ``query_norm``. Cross-attention stays fresh, and so does the feed-forward unless
+        ``copy_ffn=True`` (the released code keeps BERT's text feed-forward apart and trains a
+        fresh query feed-forward; BLIP-2's stage 1 copies the text one into it). A BERT with
+        fewer layers than the projector (bert-small: 4, the paper: 6) fills the first ones; the
+        others keep their fresh initialisation. See :func:`models.layers.load_bert_weights`;
+        returns the names of the loaded parameters."""
+        return load_bert_weights(self.layers, self.query_norm, bert,
+                                 position_embeddings=self.position_embeddings,
+                                 copy_ffn=copy_ffn)
 
     def forward(self, x: Tensor, impl: Optional[str] = None) -> Tensor:
         """``x``: ``[B, Nv, vision_width]`` -> ``[B, n_partial + n_global, llm_width]``.
@@ -90,60 +159,85 @@ class _QueryProjector(Projector):
         self.check_input(x)
         impl = check_impl(impl or self.impl)
         visual = self.vision_norm(x)
-        h = self.query_norm(self.queries.expand(x.shape[0], -1, -1).to(visual.dtype))
+        h = self.query_embeddings(x.shape[0], visual.dtype)
         for layer, pattern in zip(self.layers, self.self_patterns):
             h = layer(h, visual, pattern, self.cross_pattern, impl, self.backend)
         return self.proj(h)
 
-    def attention_patterns(self, device=None) -> dict[str, list[Tensor]]:
-        """Dense boolean masks of every layer (``"self"``: ``[N, N]``, ``"cross"``: ``[N, Nv]``),
-        for tests and visualisation; the kernels never build them."""
+    def query_embeddings(self, batch: int, dtype=None) -> Tensor:
+        """The first layer's input ``[batch, N, hidden]``: dropout(LayerNorm(queries + position
+        embeddings)), BERT's embeddings applied to the queries as in the released code."""
+        h = self.queries if self.position_embeddings is None else \
+            self.queries + self.position_embeddings
+        h = h.expand(batch, -1, -1)
+        return self.query_dropout(self.query_norm(h if dtype is None else h.to(dtype)))
+
+    def attention_patterns(self, device=None) -> dict[str, list[Optional[Tensor]]]:
+        """Dense boolean masks of every layer (``"self"``: ``[N, N]``, ``"cross"``: ``[N, Nv]``,
+        ``None`` for a layer without cross-attention), for tests and visualisation; the kernels
+        never build them."""
+        cross = self.cross_pattern.materialize(device)
         return {"self": [p.materialize(device) for p in self.self_patterns],
-                "cross": [self.cross_pattern.materialize(device)] * len(self.layers)}
+                "cross": [cross if layer.crossattention is not None else None
+                          for layer in self.layers]}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, impl={self.impl!r}, backend={self.backend!r}"
 
 
+def _check_sizes(**sizes) -> list[int]:
+    return [check_pos_int(name, value) for name, value in sizes.items()]
+
+
 @register_projector("pargo")
 class ParGoProjector(_QueryProjector):
-    """ParGo: partial + global queries, cascaded banded self-attention, partial-global
-    cross-attention.
+    """ParGo: partial + global queries, partial-global cross-attention.
 
     Args:
         vision_width, llm_width: widths of the vision features and of the LLM embeddings.
         visual_grid: ``(rows, cols)`` of the patch tokens (CLS dropped), ``(24, 24)`` for
             CLIP-L/14 at 336 px.
-        n_partial, n_global: numbers of partial and global queries (paper: 288 and 16).
-        n_layers: layers (paper: 6). hidden, heads, intermediate: the BERT layer size (official
-            release: bert-small, 512 / 8 / 2048).
-        cascade_mode: ``"symmetric"`` (default: a partial query sees neighbours on both sides,
-            the paper's "adjacent tokens") or ``"causal"`` (only preceding ones); see
-            :func:`pargo_kernels.cascade_windows` for the rounding.
+        n_partial, n_global: numbers of partial and global queries (paper and release: 288
+            and 16).
+        n_layers: layers (paper: 6; the release builds as many as its BERT has, bert-small: 4).
+        hidden, heads, intermediate: the BERT layer size (release: bert-small, 512 / 8 / 2048).
+        self_attn: ``"official"`` (default) or ``"cascade"``. ``"official"`` is the static mask
+            of the released code (every partial query sees every partial query in every
+            layer): it is what the released checkpoint was trained and evaluated with, and it
+            leaves nothing to interpretation. ``"cascade"`` is the paper's Cascaded Partial
+            Perception, whose band widths and sides the paper fixes only in prose
+            (``cascade_mode`` and :func:`pargo_kernels.cascade_windows`'s rounding are our
+            reading).
+        cascade_mode: with ``self_attn="cascade"``: ``"symmetric"`` (default: a partial query
+            sees neighbours on both sides, the paper's "adjacent tokens") or ``"causal"`` (only
+            preceding ones). Ignored (but validated) with ``"official"``.
         partial_grid: ``(rows, cols)`` with ``rows * cols == n_partial`` for 2-D partial windows
             (those of ``adaptive_avg_pool2d`` over ``visual_grid``); default: the paper's 1-D
             windows (``floor(i*Nv/Np)`` .. ``floor((i+1)*Nv/Np)`` in row-major token order).
+        pos_emb: add learnable absolute position embeddings to the queries (default True, as
+            the release does with BERT's; :meth:`load_bert` loads them).
         impl: ``"kernels"`` (block-sparse ops) or ``"reference"`` (dense masks, eager).
         backend: the kernels' backend (``"auto"``, ``"triton"``, ``"cuda"``, ``"reference"``).
-        dropout: hidden dropout of the BERT layers (attention-probability dropout is not
-            supported: the kernels never materialise the probabilities).
+        dropout: hidden dropout of the BERT layers and embeddings, in ``[0, 1)``
+            (attention-probability dropout is not supported: the kernels never materialise the
+            probabilities).
     """
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
                  n_partial: int = 288, n_global: int = 16, n_layers: int = 6, hidden: int = 512,
-                 heads: int = 8, intermediate: int = 2048, cascade_mode: str = "symmetric",
-                 partial_grid=None, impl: str = "kernels", backend: str = "auto",
-                 dropout: float = 0.0):
-        vision_width, llm_width = (check_pos_int("vision_width", vision_width),
-                                   check_pos_int("llm_width", llm_width))
+                 heads: int = 8, intermediate: int = 2048, self_attn: str = "official",
+                 cascade_mode: str = "symmetric", partial_grid=None, pos_emb: bool = True,
+                 impl: str = "kernels", backend: str = "auto", dropout: float = 0.0):
+        vision_width, llm_width, n_layers, hidden, heads, intermediate = _check_sizes(
+            vision_width=vision_width, llm_width=llm_width, n_layers=n_layers, hidden=hidden,
+            heads=heads, intermediate=intermediate)
         visual_grid = check_grid("visual_grid", visual_grid)
         n_partial = check_int("n_partial", n_partial, 0)
         n_global = check_int("n_global", n_global, 0)
         if n_partial + n_global == 0:
             raise ValueError("n_partial + n_global must be positive (no queries)")
-        n_layers, hidden, heads, intermediate = (check_pos_int(n, v) for n, v in (
-            ("n_layers", n_layers), ("hidden", hidden), ("heads", heads),
-            ("intermediate", intermediate)))
+        if self_attn not in SELF_ATTN_MODES:
+            raise ValueError(f"self_attn must be one of {SELF_ATTN_MODES}, got {self_attn!r}")
         if cascade_mode not in CASCADE_MODES:
             raise ValueError(f"cascade_mode must be one of {CASCADE_MODES}, got {cascade_mode!r}")
         if partial_grid is not None:
@@ -152,41 +246,73 @@ class ParGoProjector(_QueryProjector):
                 raise ValueError(f"partial_grid {partial_grid} holds "
                                  f"{partial_grid[0] * partial_grid[1]} queries but n_partial is "
                                  f"{n_partial}")
-        windows = cascade_windows(n_partial, n_layers, cascade_mode) if n_partial else \
-            [(0, 0)] * n_layers
+        dropout = check_dropout(dropout)
+        if self_attn == "cascade" and n_partial:
+            windows = cascade_windows(n_partial, n_layers, cascade_mode)
+        else:
+            windows = [None] * n_layers
         config = dict(vision_width=vision_width, llm_width=llm_width,
                       visual_grid=list(visual_grid), n_partial=n_partial, n_global=n_global,
                       n_layers=n_layers, hidden=hidden, heads=heads, intermediate=intermediate,
-                      cascade_mode=cascade_mode,
+                      self_attn=self_attn, cascade_mode=cascade_mode,
                       partial_grid=list(partial_grid) if partial_grid else None,
-                      impl=check_impl(impl), backend=backend, dropout=float(dropout))
+                      pos_emb=bool(pos_emb), impl=check_impl(impl), backend=backend,
+                      dropout=dropout)
         super().__init__(config, n_partial=n_partial, n_global=n_global, windows=windows,
                          partial_grid=partial_grid, hidden=hidden, heads=heads,
                          intermediate=intermediate, n_layers=n_layers, impl=impl,
-                         backend=backend, dropout=dropout)
+                         backend=backend, dropout=dropout, pos_emb=bool(pos_emb))
+
+
+# Q-Former sizes: ParGo's baseline (Tables 3 and 6: 304 queries, bert-small sizes, 6 layers,
+# cross-attention in every layer, run through ParGo's code, hence its position embeddings) and
+# BLIP-2's Q-Former (LAVIS Blip2Base.init_Qformer: bert-base-uncased, 32 queries,
+# cross_attention_freq=2, query embeddings without position embeddings).
+QFORMER_PRESETS = {
+    "pargo": dict(n_query=304, n_layers=6, hidden=512, heads=8, intermediate=2048,
+                  cross_attention_freq=1, pos_emb=True),
+    "blip2": dict(n_query=32, n_layers=12, hidden=768, heads=12, intermediate=3072,
+                  cross_attention_freq=2, pos_emb=False),
+}
 
 
 @register_projector("qformer")
 class QFormerProjector(_QueryProjector):
-    """Q-Former baseline (BLIP-2 style, cross-attention in every layer): ``n_query`` global
-    queries, full self-attention, full cross-attention. Default 304 queries and 6 layers, the
-    baseline of ParGo's Tables 3 and 6. Other arguments as :class:`ParGoProjector`."""
+    """Q-Former: ``n_query`` global queries, full self-attention, full cross-attention in every
+    ``cross_attention_freq``-th layer (layers 0, f, 2f, ...).
+
+    ``preset`` gives the defaults of every size argument left ``None``: ``"pargo"`` (default)
+    is ParGo's baseline (304 queries, 6 layers, hidden 512, 8 heads, intermediate 2048,
+    cross-attention every layer, position embeddings); ``"blip2"`` is BLIP-2's Q-Former (32
+    queries, bert-base: 12 layers, hidden 768, 12 heads, intermediate 3072, cross-attention
+    every other layer, no position embeddings; BLIP-2 initialises it from bert-base-uncased
+    with ``load_bert(bert, copy_ffn=True)``). Other arguments as :class:`ParGoProjector`."""
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
-                 n_query: int = 304, n_layers: int = 6, hidden: int = 512, heads: int = 8,
-                 intermediate: int = 2048, impl: str = "kernels", backend: str = "auto",
-                 dropout: float = 0.0):
-        vision_width, llm_width, n_query, n_layers, hidden, heads, intermediate = (
-            check_pos_int(n, v) for n, v in (
-                ("vision_width", vision_width), ("llm_width", llm_width), ("n_query", n_query),
-                ("n_layers", n_layers), ("hidden", hidden), ("heads", heads),
-                ("intermediate", intermediate)))
+                 preset: str = "pargo", n_query: Optional[int] = None,
+                 n_layers: Optional[int] = None, hidden: Optional[int] = None,
+                 heads: Optional[int] = None, intermediate: Optional[int] = None,
+                 cross_attention_freq: Optional[int] = None, pos_emb: Optional[bool] = None,
+                 impl: str = "kernels", backend: str = "auto", dropout: float = 0.0):
+        if preset not in QFORMER_PRESETS:
+            raise ValueError(f"preset must be one of {tuple(QFORMER_PRESETS)}, got {preset!r}")
+        given = dict(n_query=n_query, n_layers=n_layers, hidden=hidden, heads=heads,
+                     intermediate=intermediate, cross_attention_freq=cross_attention_freq,
+                     pos_emb=pos_emb)
+        sizes = {k: QFORMER_PRESETS[preset][k] if v is None else v for k, v in given.items()}
+        pos_emb = bool(sizes.pop("pos_emb"))
+        vision_width, llm_width = _check_sizes(vision_width=vision_width, llm_width=llm_width)
+        n_query, n_layers, hidden, heads, intermediate, cross_attention_freq = \
+            _check_sizes(**sizes)
         visual_grid = check_grid("visual_grid", visual_grid)
+        dropout = check_dropout(dropout)
         config = dict(vision_width=vision_width, llm_width=llm_width,
-                      visual_grid=list(visual_grid), n_query=n_query, n_layers=n_layers,
-                      hidden=hidden, heads=heads, intermediate=intermediate,
-                      impl=check_impl(impl), backend=backend, dropout=float(dropout))
-        super().__init__(config, n_partial=0, n_global=n_query, windows=[(0, 0)] * n_layers,
+                      visual_grid=list(visual_grid), preset=preset, n_query=n_query,
+                      n_layers=n_layers, hidden=hidden, heads=heads, intermediate=intermediate,
+                      cross_attention_freq=cross_attention_freq, pos_emb=pos_emb,
+                      impl=check_impl(impl), backend=backend, dropout=dropout)
+        super().__init__(config, n_partial=0, n_global=n_query, windows=[None] * n_layers,
                          partial_grid=None, hidden=hidden, heads=heads,
                          intermediate=intermediate, n_layers=n_layers, impl=impl,
-                         backend=backend, dropout=dropout)
+                         backend=backend, dropout=dropout, pos_emb=pos_emb,
+                         cross_attention_freq=cross_attention_freq)

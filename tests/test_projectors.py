@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import models
-from models.layers import CrossPattern, QuerySelfPattern
+from models.layers import CrossPattern
+from models.pargo import QuerySelfPattern
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 from pargo_kernels.testing import REL_TOL, rel_error
 
@@ -93,8 +94,9 @@ def test_kernels_match_reference(name, dtype):
     compare(name, perturb_(build(name)), dtype)
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(cascade_mode="causal"),
+@pytest.mark.parametrize("cfg", [      # self_attn="official" (the default) unless given
+    dict(self_attn="cascade"),          # the paper's cascade, symmetric bands
+    dict(self_attn="cascade", cascade_mode="causal"),
     dict(partial_grid=(3, 4)),          # 2-D windows over the 6x8 grid
     dict(n_partial=16, n_global=0),     # partial only
     dict(n_partial=0, n_global=6),      # global only (a Q-Former through the ParGo class)
@@ -153,7 +155,8 @@ def test_pargo_self_masks_are_cascaded_blocks(mode):
     the n_vis = ceil(l*Np/d) adjacent queries of layer l (the window containing i), global
     queries see all global queries, nothing crosses the two blocks."""
     np_, ng, d = 12, 4, 3
-    proj = build("pargo", n_partial=np_, n_global=ng, n_layers=d, cascade_mode=mode)
+    proj = build("pargo", n_partial=np_, n_global=ng, n_layers=d, self_attn="cascade",
+                 cascade_mode=mode)
     for layer, mask in enumerate(proj.attention_patterns()["self"], start=1):
         n_vis = -(-layer * np_ // d)
         left = n_vis - 1 if mode == "causal" else n_vis // 2
@@ -202,6 +205,7 @@ def test_config_json_round_trip(name, tmp_path):
     ("pargo", dict(partial_grid=(3, 3)), "partial_grid"),
     ("pargo", dict(heads=3), "heads"),
     ("pargo", dict(cascade_mode="diagonal"), "cascade_mode"),
+    ("pargo", dict(self_attn="paper"), "self_attn"),
     ("pargo", dict(n_partial=0, n_global=0), "n_partial"),
     ("pargo", dict(impl="eager"), "impl"),
     ("pargo", dict(backend="tpu"), "backend"),
@@ -223,34 +227,3 @@ def test_bad_types_and_names():
         build("pargo", n_partial=12.0)
     with pytest.raises(ValueError, match=r"\[B, 48, 24\]"):
         build("pargo")(torch.randn(2, 47, VISION))
-
-
-# ---------------------------------------------------------------------------------------------
-# BERT initialisation
-# ---------------------------------------------------------------------------------------------
-def test_load_bert_weights_computes_bert_layers():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                  intermediate_size=48, hidden_act="gelu")
-    bert = transformers.BertModel(cfg).eval()
-    perturb_(bert)
-    proj = build("pargo", n_partial=12, n_global=4, n_layers=2).eval()
-    loaded = proj.load_bert(bert)
-    assert len(loaded) == 2 * 16 + 2
-    x = torch.randn(2, 16, 32)
-    full = QuerySelfPattern(0, 16, (0, 0))
-    for i in range(2):
-        ours, theirs = proj.layers[i], bert.encoder.layer[i]
-        with torch.no_grad():
-            a = ours.attention(x, x, full, "reference", "auto")
-            torch.testing.assert_close(a, theirs.attention(x)[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(ours.ffn(a), theirs.output(theirs.intermediate(a), a),
-                                       rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(proj.query_norm.weight, bert.embeddings.LayerNorm.weight,
-                               rtol=0, atol=0)
-    with pytest.raises(ValueError, match="layers"):
-        build("pargo", n_layers=4).load_bert(bert)
-    with pytest.raises(ValueError, match="hidden or intermediate"):
-        build("pargo", hidden=16).load_bert(bert)
-    with pytest.raises(ValueError, match="heads"):
-        build("pargo", heads=4).load_bert(bert)

@@ -51,12 +51,13 @@ def capture_attention(proj: nn.Module):
     try:
         for i, layer in enumerate(layers):
             layer.attention.probs_hook = functools.partial(hook, i, "self")
-            layer.crossattention.probs_hook = functools.partial(hook, i, "cross")
+            if layer.crossattention is not None:  # None: no cross-attention in this layer
+                layer.crossattention.probs_hook = functools.partial(hook, i, "cross")
         yield records
     finally:
         for layer in layers:
             for att in (layer.attention, layer.crossattention):
-                if "probs_hook" in vars(att):
+                if att is not None and "probs_hook" in vars(att):
                     del att.probs_hook
 
 
