@@ -111,7 +111,7 @@ def test_train_and_test_use_disjoint_handwriting(built):
 
 
 def test_json_loads_through_the_trainer_dataset(built):
-    from models.data import LLaVADataset
+    from models.mllm.data import LLaVADataset
     from models.mllm import default_image_processor, word_level_tokenizer
     import transformers as tf
     tok = word_level_tokenizer(built["words"])
@@ -134,9 +134,9 @@ def test_json_loads_through_the_trainer_dataset(built):
 
 
 def test_full_model_training_trains_tower_projector_and_llm(tmp_path):
-    from models.data import TOY_WORDS, write_toy_dataset
+    from models.mllm.data import TOY_WORDS, write_toy_dataset
     from models.mllm import tiny_components
-    from models.train import TrainConfig, train
+    from models.mllm.train import TrainConfig, train
     toy = write_toy_dataset(tmp_path / "toy", 8)
     comp = tiny_components(TOY_WORDS)
     from models.mllm import MLLM

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from models.conversation import IGNORE_INDEX, tokenize_conversation  # noqa: E402
-from models.data import (TOY_WORDS, Collator, LLaVADataset, global_batches,  # noqa: E402
+from models.mllm.conversation import IGNORE_INDEX, tokenize_conversation  # noqa: E402
+from models.mllm.data import (TOY_WORDS, Collator, LLaVADataset, global_batches,  # noqa: E402
                          write_toy_dataset)
 from models.mllm import MLLM, tiny_components  # noqa: E402
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import models
-from models.layers import CrossPattern, QuerySelfPattern
+from models.projectors.layers import CrossPattern, QuerySelfPattern
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 from pargo_kernels.testing import REL_TOL, rel_error
 

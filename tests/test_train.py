@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from models.data import TOY_WORDS, Collator, LLaVADataset, write_toy_dataset  # noqa: E402
+from models.mllm.data import TOY_WORDS, Collator, LLaVADataset, write_toy_dataset  # noqa: E402
 from models.mllm import MLLM, tiny_components  # noqa: E402
-from models.train import TrainConfig, export_merged, load_checkpoint_model, train  # noqa: E402
+from models.mllm.train import TrainConfig, export_merged, load_checkpoint_model, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(global_batch_size=8, per_device_batch_size=4, max_steps=4, warmup_ratio=0.0,
@@ -116,9 +116,9 @@ def _free_port():
 
 _DRIVER = """
 import json, sys
-from models.data import TOY_WORDS
+from models.mllm.data import TOY_WORDS
 from models.mllm import tiny_components
-from models.train import TrainConfig, train
+from models.mllm.train import TrainConfig, train
 kw = json.loads(sys.argv[1])
 comp = tiny_components(TOY_WORDS)
 res = train(TrainConfig(**kw, **comp))
@@ -137,7 +137,7 @@ def test_deepspeed_zero2_matches_plain_run(stage1, toy, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed")
     kw = dict(output_dir=str(tmp_path / "ds"), data_path=str(toy),
               image_folder=str(toy.parent / "images"), stage=1, learning_rate=1e-2,
-              deepspeed=str(REPO / "models/configs/zero2.json"), **COMMON)
+              deepspeed=str(REPO / "models/mllm/configs/zero2.json"), **COMMON)
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0")
     losses = _run([sys.executable, "-c", _DRIVER], kw, env)
@@ -168,7 +168,7 @@ def test_torchrun_two_processes_shard_data_and_match_one_process(stage1, toy, tm
 
 
 def test_cli_from_saved_directories_and_export(stage1, toy, tmp_path, capsys):
-    from models.train import main
+    from models.mllm.train import main
     base = stage1[0] / "base"
     main(["--stage", "2", "--llm_mode", "full", "--data_path", str(toy), "--image_folder",
           str(toy.parent / "images"), "--vision_tower", str(base / "vision_tower"),

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 
 def is_attention_projector(proj: nn.Module) -> bool:
-    from ..pargo import _QueryProjector
+    from ..projectors.pargo import _QueryProjector
     return isinstance(proj, _QueryProjector)
 
 

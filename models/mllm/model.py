@@ -6,7 +6,7 @@
 ``vision_tower`` / ``llm`` / ``tokenizer`` / ``image_processor`` each accept a Hugging Face name,
 a local directory written by ``save_pretrained``, a config object (built with fresh weights) or a
 ready module. Text carries ``num_visual_tokens`` copies of the image token per image (see
-:mod:`models.conversation`); ``forward`` overwrites their embeddings with the projector output.
+:mod:`models.mllm.conversation`); ``forward`` overwrites their embeddings with the projector output.
 
 transformers / peft are imported here, so ``import models`` stays light: import this submodule
 explicitly (``from models.mllm import MLLM``).
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_conversation
-from .registry import build_projector, projector_from_config
+from ..projectors.registry import build_projector, projector_from_config
 
 MLLM_CONFIG = "mllm_config.json"
 PROJECTOR_WEIGHTS = "projector.pt"
