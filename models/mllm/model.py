@@ -33,10 +33,11 @@ def _is_path_or_name(spec) -> bool:
     return isinstance(spec, (str, os.PathLike))
 
 
-def load_vision_tower(spec) -> nn.Module:
+def load_vision_tower(spec, dtype=None) -> nn.Module:
     """A CLIP / SigLIP (or any HF vision) model from a name, a directory, a config or a module.
 
-    A full CLIP / SigLIP checkpoint (text + vision) gives its vision half.
+    A full CLIP / SigLIP checkpoint (text + vision) gives its vision half. ``dtype`` is passed
+    to ``from_pretrained`` (None: the checkpoint's own dtype).
     """
     import transformers as tf
     if isinstance(spec, nn.Module):
@@ -54,24 +55,26 @@ def load_vision_tower(spec) -> nn.Module:
         spec = str(spec)
         cfg = tf.AutoConfig.from_pretrained(spec)
         if cfg.model_type in ("clip", "clip_vision_model"):
-            return tf.CLIPVisionModel.from_pretrained(spec)
+            return tf.CLIPVisionModel.from_pretrained(spec, dtype=dtype)
         if cfg.model_type in ("siglip", "siglip_vision_model"):
-            return tf.SiglipVisionModel.from_pretrained(spec)
-        model = tf.AutoModel.from_pretrained(spec)
+            return tf.SiglipVisionModel.from_pretrained(spec, dtype=dtype)
+        model = tf.AutoModel.from_pretrained(spec, dtype=dtype)
         return getattr(model, "vision_model", model)
     raise TypeError(f"vision_tower must be a name, a path, a PretrainedConfig or an nn.Module, "
                     f"got {type(spec).__name__}")
 
 
-def load_llm(spec) -> nn.Module:
-    """A causal LM from a name, a directory, a config (fresh weights) or a module."""
+def load_llm(spec, dtype=None, **from_pretrained_kwargs) -> nn.Module:
+    """A causal LM from a name, a directory, a config (fresh weights) or a module. ``dtype`` and
+    ``from_pretrained_kwargs`` (e.g. ``quantization_config``) go to ``from_pretrained``."""
     import transformers as tf
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, tf.PretrainedConfig):
         return tf.AutoModelForCausalLM.from_config(spec)
     if _is_path_or_name(spec):
-        return tf.AutoModelForCausalLM.from_pretrained(str(spec))
+        return tf.AutoModelForCausalLM.from_pretrained(str(spec), dtype=dtype,
+                                                       **from_pretrained_kwargs)
     raise TypeError(f"llm must be a name, a path, a PretrainedConfig or an nn.Module, "
                     f"got {type(spec).__name__}")
 
@@ -117,12 +120,17 @@ class MLLM(nn.Module):
     """Vision tower -> projector -> causal LM, LLaVA style.
 
     ``forward(input_ids, attention_mask, pixel_values, labels)`` returns
-    ``{"logits", "loss", "loss_sum", "num_tokens"}``; the loss is a token mean over the labels
-    that are not ``-100`` (``loss_sum`` / ``num_tokens`` let a trainer normalise over a whole
-    global batch). ``input_ids`` must contain ``num_visual_tokens`` image tokens per image, in
+    ``{"logits", "loss", "loss_sum", "num_tokens"}``; the loss is ``loss_sum / num_tokens``, a
+    token mean over the labels that are not ``-100`` (after the causal shift), or
+    ``loss_sum / num_items_in_batch`` when ``transformers.Trainer`` passes the label count of
+    the whole global batch (so the loss of a step does not depend on how it is split into
+    micro-batches and processes). ``input_ids`` must contain ``num_visual_tokens`` image tokens per image, in
     the order of ``pixel_values``. Position ids follow the attention mask, so left and right
     padding give the same logits on real tokens.
     """
+    # transformers.Trainer: forward takes num_items_in_batch, counted over labels[:, 1:]
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module,
                  image_token_id: int, *, vision_feature_layer: int = -2,
@@ -155,13 +163,15 @@ class MLLM(nn.Module):
     @classmethod
     def build(cls, vision_tower, llm, projector: str | dict | nn.Module = "mlp2x_gelu", *,
               tokenizer=None, image_processor=None, projector_kwargs: dict | None = None,
-              vision_feature_layer: int = -2, freeze_vision_tower: bool = True) -> "MLLM":
+              vision_feature_layer: int = -2, freeze_vision_tower: bool = True,
+              dtype=None, llm_kwargs: dict | None = None) -> "MLLM":
         """Build from specs (see the module docstring). ``projector`` is a registry name (built
         with the tower's width and grid and the LLM's width, plus ``projector_kwargs``), a
         ``proj.config`` dict, or a module. ``tokenizer`` defaults to ``llm`` when that is a
-        name or path; ``<image>`` is added to it (and the LLM's embeddings resized) if missing."""
-        tower = load_vision_tower(vision_tower)
-        lm = load_llm(llm)
+        name or path; ``<image>`` is added to it (and the LLM's embeddings resized) if missing.
+        ``dtype`` / ``llm_kwargs`` go to the ``from_pretrained`` of components given by path."""
+        tower = load_vision_tower(vision_tower, dtype=dtype)
+        lm = load_llm(llm, dtype=dtype, **(llm_kwargs or {}))
         if tokenizer is None:
             if not _is_path_or_name(llm):
                 raise ValueError("tokenizer is required when llm is not a name or a path")
@@ -191,6 +201,12 @@ class MLLM(nn.Module):
         return model
 
     @property
+    def config(self):
+        """The LLM's config (what ``Trainer`` / DeepSpeed read for ``hidden_size`` "auto"
+        values)."""
+        return self.llm.config
+
+    @property
     def num_visual_tokens(self) -> int:
         return int(self.projector.num_visual_tokens)
 
@@ -203,6 +219,12 @@ class MLLM(nn.Module):
                 self.vision_feature_layer, "image_token": IMAGE_PLACEHOLDER,
                 "image_token_id": self.image_token_id,
                 "num_visual_tokens": self.num_visual_tokens}
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Activation checkpointing in the LLM (what ``--gradient_checkpointing`` calls)."""
+        self.llm.config.use_cache = False
+        self.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
 
     # -- LoRA
     def apply_lora(self, r: int = 256, alpha: int = 512, dropout: float = 0.05,
@@ -264,7 +286,8 @@ class MLLM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                pixel_values: Tensor | None = None, labels: Tensor | None = None) -> dict:
+                pixel_values: Tensor | None = None, labels: Tensor | None = None,
+                num_items_in_batch: Tensor | int | None = None) -> dict:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -281,7 +304,8 @@ class MLLM(nn.Module):
                                        shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
             num = (shift_labels != IGNORE_INDEX).sum()
-            out.update(loss_sum=loss_sum, num_tokens=num, loss=loss_sum / num.clamp(min=1))
+            denom = num.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            out.update(loss_sum=loss_sum, num_tokens=num, loss=loss_sum / denom)
         return out
 
     # -- generation
