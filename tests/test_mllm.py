@@ -260,3 +260,45 @@ def test_modality_grouped_batches_hold_one_modality():
         assert len({lengths[i] > 0 for i in batch}) == 1, batch
         assert [abs(lengths[i]) for i in batch] == sorted((abs(lengths[i]) for i in batch),
                                                           reverse=True)
+
+
+def test_pad_aspect_ratio_pads_to_a_square_with_the_mean_colour(model, tmp_path):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng()
+    arr = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)  # wide image
+    (tmp_path / "images").mkdir()
+    Image.fromarray(arr).save(tmp_path / "images" / "w.png")
+    conv = [{"from": "human", "value": "<image>\nWhat color is the square?"},
+            {"from": "gpt", "value": "red"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": 0, "image": "w.png",
+                                                   "conversations": conv}]))
+    pad = _dataset(model, tmp_path / "d.json")[0]["pixel_values"][0]
+    crop = _dataset(model, tmp_path / "d.json", image_aspect_ratio="crop")[0]["pixel_values"][0]
+    proc = model.image_processor
+    square = np.zeros((36, 36, 3), np.uint8) + np.array([int(255 * m) for m in proc.image_mean],
+                                                        np.uint8)
+    square[8:28] = arr
+    want = proc(images=Image.fromarray(square), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pad, want)
+    assert (pad - crop).abs().max() > 0.1
+    with pytest.raises(ValueError, match="image_aspect_ratio"):
+        _dataset(model, tmp_path / "d.json", image_aspect_ratio="square")
+
+
+def test_added_image_token_rows_are_the_mean_so_rebuilds_match():
+    import transformers as tf
+
+    from models.mllm.model import ensure_image_token, word_level_tokenizer
+    tok = word_level_tokenizer()
+    tid = tok.convert_tokens_to_ids("<image>")
+    cfg = tf.LlamaConfig(vocab_size=tid, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False)
+    lm = tf.LlamaForCausalLM(cfg)
+    again = copy.deepcopy(lm)
+    assert ensure_image_token(tok, lm) == ensure_image_token(tok, again) == tid
+    for a, b in ((lm.get_input_embeddings(), again.get_input_embeddings()),
+                 (lm.get_output_embeddings(), again.get_output_embeddings())):
+        assert a.weight.shape[0] == len(tok)
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+        torch.testing.assert_close(a.weight[tid], a.weight[:tid].mean(0))

@@ -177,9 +177,7 @@ class MLLM(nn.Module):
                 raise ValueError("tokenizer is required when llm is not a name or a path")
             tokenizer = llm
         tok = load_tokenizer(tokenizer)
-        n_vocab = lm.get_input_embeddings().num_embeddings
         image_token_id = ensure_image_token(tok, lm)
-        llm_resized = lm.get_input_embeddings().num_embeddings != n_vocab
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         grid = vision_grid_of(tower.config)
@@ -197,7 +195,6 @@ class MLLM(nn.Module):
         proc = load_image_processor(image_processor, tower.config)
         model = cls(tower, proj, lm, image_token_id, vision_feature_layer=vision_feature_layer,
                     freeze_vision_tower=freeze_vision_tower, tokenizer=tok, image_processor=proc)
-        model.llm_resized = llm_resized
         return model
 
     @property
@@ -405,15 +402,34 @@ class MLLM(nn.Module):
 
 
 def ensure_image_token(tokenizer, llm: nn.Module) -> int:
-    """The id of ``<image>`` in ``tokenizer``, adding it (and resizing the LLM's embeddings) if
-    missing."""
+    """The id of ``<image>`` in ``tokenizer``, adding it if missing. The LLM's embeddings (and
+    untied output head) then grow by rows set to the mean of the old rows: deterministic, so
+    rebuilding the model from the same LLM path reproduces them exactly (no copy of the resized
+    LLM is needed to restore a checkpoint)."""
     tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if tid is None or tid == tokenizer.unk_token_id:
         tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
         tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    if tid >= llm.get_input_embeddings().num_embeddings:
-        llm.resize_token_embeddings(len(tokenizer))
+    n_old = llm.get_input_embeddings().num_embeddings
+    if tid >= n_old:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        out = llm.get_output_embeddings()
+        for w in {id(x): x for x in (llm.get_input_embeddings().weight,
+                                     None if out is None else out.weight) if x is not None}.values():
+            with _gathered(w):
+                with torch.no_grad():
+                    w[n_old:] = w[:n_old].mean(0)
     return int(tid)
+
+
+def _gathered(param):
+    """The whole of ``param`` (ZeRO-3 partitions it; rank 0's writes are kept)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    import contextlib
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------- tiny in-code models

@@ -257,12 +257,16 @@ def _processor_default(vision_tower):
 
 def _save_components(model: MLLM, margs, out: Path) -> dict:
     """Specs (strings) from which the base model can be rebuilt; components given as objects
-    (and an LLM whose vocabulary grew by ``<image>``) are saved under ``out/base``."""
+    are saved under ``out/base`` (an LLM grown by ``<image>`` is rebuilt exactly from its path:
+    :func:`~models.mllm.model.ensure_image_token`), as are the tokenizer and image processor."""
     base = out / "base"
     llm = model.llm.get_base_model() if model.is_lora else model.llm
     specs = {"vision_tower": margs.vision_tower, "llm": margs.model_name_or_path}
-    if getattr(model, "llm_resized", False):
-        specs["llm"] = None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if None in specs.values() and is_deepspeed_zero3_enabled():
+        raise ValueError("under ZeRO-3 give the vision tower and the LLM as paths "
+                         "(model_name_or_path, vision_tower): partitioned modules passed as "
+                         "objects cannot be saved whole")
     for name, obj in (("vision_tower", model.vision_tower), ("llm", llm)):
         if specs[name] is None:
             specs[name] = str(base / name)
