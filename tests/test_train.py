@@ -21,7 +21,8 @@ from models.mllm import MLLM, tiny_components  # noqa: E402
 from models.mllm.data import TOY_WORDS, Collator, LLaVADataset, write_toy_dataset  # noqa: E402
 from models.mllm.train import (build_model, export_merged, load_checkpoint_model,  # noqa: E402
                                main, parse_args, train)
-from models.mllm.trainer import MLLMTrainer, latest_checkpoint  # noqa: E402
+from models.mllm.trainer import (MLLMTrainer, ModalityGroupedSampler,  # noqa: E402
+                                 latest_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, warmup_ratio=0.0,
@@ -151,10 +152,13 @@ def test_stage2_lora_projector_lr_and_merged_export(stage1, disk, tmp_path):
     out1, _ = stage1
     kw = _paths(disk, tmp_path / "lora", stage=2, lora_enable=True, lora_r=8, lora_alpha=16,
                 max_steps=3, learning_rate=5e-3, mm_projector_lr=1e-3, save_strategy="no",
-                pretrain_mm_mlp_adapter=str(out1 / "projector.pt"))
+                pretrain_mm_mlp_adapter=str(out1 / "projector.pt"), group_by_modality_length=True)
     margs, _, targs = parse_args(kw)
     model = build_model(margs, targs)
-    trainer = MLLMTrainer(model=model, args=targs)
+    ds = LLaVADataset(disk["data"], disk["images"], model.tokenizer, model.image_processor,
+                      image_token_id=model.image_token_id, num_image_tokens=model.num_visual_tokens)
+    trainer = MLLMTrainer(model=model, args=targs, train_dataset=ds)
+    assert isinstance(trainer._get_train_sampler(), ModalityGroupedSampler)
     lrs = {("projector" if any(p is q for q in model.projector.parameters()) else "llm"): g["lr"]
            for g in trainer.create_optimizer().param_groups for p in g["params"][:1]}
     assert lrs == {"projector": 1e-3, "llm": 5e-3}
