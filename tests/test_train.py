@@ -293,6 +293,11 @@ def test_deepspeed_zero3_partitioned_build_trains_and_resumes(disk, tmp_path):
     assert again["losses"] == full["losses"][2:]
     for k, v in _trainable(tmp_path / "z3").items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+    rebuilt = load_checkpoint_model(tmp_path / "z3")  # whole tensors were gathered and saved
+    for n, p in rebuilt.named_parameters():
+        if n in want:
+            assert torch.equal(p, want[n]) and p.numel() > 0, n
+    assert sum(n in want for n, _ in rebuilt.named_parameters()) == len(want)
 
 
 def test_torchrun_two_processes_match_one_process(stage1, disk, tmp_path):

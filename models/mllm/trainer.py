@@ -122,6 +122,27 @@ class MLLMTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     # -- saving / loading
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Under ZeRO-3 gather the trainable tensors one at a time (Trainer would consolidate
+        the whole 16-bit model on rank 0); otherwise Trainer's own."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
+            return super().save_model(output_dir, _internal_call)
+        import deepspeed
+        model = self.accelerator.unwrap_model(self.model)
+        state = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                with deepspeed.zero.GatheredParameters([p]):
+                    if self.args.should_save:
+                        state[n] = p.detach().cpu().clone()
+        params = dict(model.named_parameters())
+        for n, b in model.projector.state_dict().items():  # persistent buffers
+            if f"projector.{n}" not in params:
+                state[f"projector.{n}"] = b.detach().cpu().clone()
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state)
+
     def _save(self, output_dir=None, state_dict=None):
         """Rank 0 (``args.should_save``); ``state_dict`` is the gathered one under ZeRO-3."""
         from ..projectors.registry import save_projector_config
