@@ -64,7 +64,8 @@ def test_stage1_trains_the_projector_only_with_llava_defaults(stage1, disk):
     assert res["step"] == 6 and len(res["losses"]) == 6
     assert res["losses"][-1] < res["losses"][0] - 0.05, res["losses"]
     assert all(k.startswith("projector.") for k in _trainable(out))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6)]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == \
+        [f"checkpoint-{s}" for s in (2, 4, 6)]
     assert not list((out / ".saving").iterdir())
     rc = json.loads((out / "run_config.json").read_text())
     assert rc["model_args"]["version"] == "plain" and rc["stage"] == 1
@@ -77,6 +78,8 @@ def test_stage1_trains_the_projector_only_with_llava_defaults(stage1, disk):
     m, _, t = parse_args(["--data_path", "x", "--stage", "2", "--learning_rate", "3e-5",
                           "--lora_enable", "--lora_r", "256", "--lora_alpha", "512"])
     assert (t.learning_rate, t.lora_r, t.lora_alpha) == (3e-5, 256, 512)
+    m, _, t = parse_args(parse_args(["--data_path", "x", "--learning_rate", "3e-5"]))
+    assert t.learning_rate == 3e-5 and m.version == "vicuna_v1"
     with pytest.raises(ValueError, match="unknown training options"):
         parse_args({"data_path": "x", "lr": 1.0})
     with pytest.raises(ValueError, match="stage"):

@@ -144,7 +144,8 @@ class LLaVADataset(Dataset):
                 bad.append((where, why))
         self.bad_records = bad
         if bad:
-            report = (f"{len(bad)} bad record(s) of {total} skipped: " + "; ".join(f"{w}: {r}" for w, r in bad[:_MAX_REPORTED])
+            listed = "; ".join(f"{w}: {r}" for w, r in bad[:_MAX_REPORTED])
+            report = (f"{len(bad)} bad record(s) of {total} skipped: " + listed
                       + (" ..." if len(bad) > _MAX_REPORTED else ""))
             if strict:
                 raise ValueError(report)

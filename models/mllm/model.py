@@ -124,9 +124,9 @@ class MLLM(nn.Module):
     token mean over the labels that are not ``-100`` (after the causal shift), or
     ``loss_sum / num_items_in_batch`` when ``transformers.Trainer`` passes the label count of
     the whole global batch (so the loss of a step does not depend on how it is split into
-    micro-batches and processes). ``input_ids`` must contain ``num_visual_tokens`` image tokens per image, in
-    the order of ``pixel_values``. Position ids follow the attention mask, so left and right
-    padding give the same logits on real tokens.
+    micro-batches and processes). ``input_ids`` must contain ``num_visual_tokens`` image
+    tokens per image, in the order of ``pixel_values``. Position ids follow the attention mask,
+    so left and right padding give the same logits on real tokens.
     """
     # transformers.Trainer: forward takes num_items_in_batch, counted over labels[:, 1:]
     accepts_loss_kwargs = True
@@ -413,9 +413,9 @@ def ensure_image_token(tokenizer, llm: nn.Module) -> int:
     n_old = llm.get_input_embeddings().num_embeddings
     if tid >= n_old:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        out = llm.get_output_embeddings()
-        for w in {id(x): x for x in (llm.get_input_embeddings().weight,
-                                     None if out is None else out.weight) if x is not None}.values():
+        heads = [llm.get_input_embeddings(), llm.get_output_embeddings()]
+        weights = {id(m.weight): m.weight for m in heads if m is not None}  # tied: once
+        for w in weights.values():
             with _gathered(w):
                 with torch.no_grad():
                     w[n_old:] = w[:n_old].mean(0)

@@ -34,7 +34,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -90,8 +90,8 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
-    mm_projector_lr: float | None = field(default=None, metadata={"help": "projector lr "
-                                          "(default: 2e-5 with --lora_enable, else --learning_rate)"})
+    mm_projector_lr: float | None = field(default=None, metadata={
+        "help": "projector lr (default: 2e-5 with --lora_enable, else --learning_rate)"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "each batch all "
                                            "image or all text records"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "LLaVA's flag: warmup steps as "
@@ -125,7 +125,8 @@ def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     if isinstance(args, (list, tuple)) and len(args) == 3 and all(
             isinstance(a, c) for a, c in zip(args, ARG_CLASSES)):
         margs, dargs, targs = args
-        given = set()
+        given = {f.name for a in args for f in fields(a)
+                 if f.default is not MISSING and getattr(a, f.name) != f.default}
     elif isinstance(args, dict):
         names = {f for c in ARG_CLASSES for f in c.__dataclass_fields__}
         unknown = sorted(set(args) - names)
@@ -299,8 +300,9 @@ def train(args, *, model: MLLM | None = None, on_step=None) -> dict:
 
     Returns ``{"step", "loss", "losses", "samples_per_s", "train_runtime", "bad_records",
     "checkpoint", "output_dir"}``: ``losses`` lists the logged loss of every step run by this
-    call, in order (one per step: ``logging_steps`` defaults to 1); ``checkpoint`` is the output directory holding the final
-    weights (``trainable.pt``, ``projector.pt``, ``adapter/`` or ``llm/``, ``run_config.json``).
+    call, in order (one per step: ``logging_steps`` defaults to 1); ``checkpoint`` is the
+    output directory holding the final weights (``trainable.pt``, ``projector.pt``,
+    ``adapter/`` or ``llm/``, ``run_config.json``).
     """
     margs, dargs, targs = parse_args(args)
     transformers.set_seed(targs.seed)
