@@ -1,24 +1,13 @@
-"""Drop-in vision-language projectors built on pargo_kernels, selectable by name.
+"""Vision-language projectors (:mod:`models.projectors`) and the MLLM built on them with its
+LLaVA-style trainer (:mod:`models.mllm`); :mod:`models.digits` is a small study using both.
 
 >>> from models import build_projector
 >>> proj = build_projector("pargo", vision_width=1024, llm_width=4096, visual_grid=(24, 24))
 >>> proj.num_visual_tokens
 304
 
-Input ``[B, Nv, vision_width]`` patch tokens (row-major ``visual_grid``, CLS dropped), output
-``[B, num_visual_tokens, llm_width]``. ``proj.config`` rebuilds it (``projector_from_config``).
-
-Registered: ``"pargo"``, ``"qformer"``, ``"deco"``, ``"cabstractor"``, ``"mlp2x_gelu"``,
-``"linear"``.
+``import models`` imports the projectors only (torch, no transformers); the MLLM code is in
+``models.mllm`` (``python -m models.train`` / ``python -m models.eval_mme`` are its entry points).
 """
-from .cabstractor import CAbstractor
-from .deco import DeCoProjector
-from .mlp import LinearProjector, MLP2xGELUProjector, MLPProjector
-from .pargo import ParGoProjector, QFormerProjector
-from .registry import (build_projector, load_projector_config, projector_from_config,
-                       projector_names, register_projector, save_projector_config)
-
-__all__ = ["build_projector", "projector_from_config", "projector_names", "register_projector",
-           "save_projector_config", "load_projector_config", "ParGoProjector",
-           "QFormerProjector", "DeCoProjector", "CAbstractor", "MLPProjector",
-           "MLP2xGELUProjector", "LinearProjector"]
+from .projectors import *  # noqa: F401,F403
+from .projectors import __all__  # noqa: F401

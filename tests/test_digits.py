@@ -111,7 +111,7 @@ def test_train_and_test_use_disjoint_handwriting(built):
 
 
 def test_json_loads_through_the_trainer_dataset(built):
-    from models.data import LLaVADataset
+    from models.mllm.data import LLaVADataset
     from models.mllm import default_image_processor, word_level_tokenizer
     import transformers as tf
     tok = word_level_tokenizer(built["words"])
@@ -122,7 +122,7 @@ def test_json_loads_through_the_trainer_dataset(built):
                           image_token_id=img_id, num_image_tokens=9)
         for i in range(min(len(ds), 6)):
             item = ds[i]
-            assert item["pixel_values"].shape == (3, 24, 24)
+            assert item["pixel_values"].shape == (1, 3, 24, 24)
             assert tok.unk_token_id not in item["input_ids"]  # the vocabulary covers the data
             assert item["input_ids"].count(img_id) == 9
             labelled = [t for t in item["labels"] if t != -100]
@@ -134,19 +134,19 @@ def test_json_loads_through_the_trainer_dataset(built):
 
 
 def test_full_model_training_trains_tower_projector_and_llm(tmp_path):
-    from models.data import TOY_WORDS, write_toy_dataset
+    from models.mllm.data import TOY_WORDS, write_toy_dataset
     from models.mllm import tiny_components
-    from models.train import TrainConfig, train
+    from models.mllm.train import train
     toy = write_toy_dataset(tmp_path / "toy", 8)
     comp = tiny_components(TOY_WORDS)
     from models.mllm import MLLM
     model = MLLM.build(**comp, projector="mlp2x_gelu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
-    res = train(TrainConfig(output_dir=str(tmp_path / "run"), data_path=str(toy),
-                            image_folder=str(toy.parent / "images"), stage=2, llm_mode="full",
-                            tune_vision_tower=True, global_batch_size=4, per_device_batch_size=4,
-                            max_steps=2, learning_rate=1e-3, progress=False),
+    res = train(dict(output_dir=str(tmp_path / "run"), data_path=str(toy),
+                     image_folder=str(toy.parent / "images"), stage=2,
+                     unfreeze_mm_vision_tower=True, per_device_train_batch_size=4,
+                     max_steps=2, learning_rate=1e-3, disable_tqdm=True, use_cpu=True),
                 model=model, on_step=seen.append)
     assert [r["step"] for r in seen] == [1, 2]
     assert [r["loss"] for r in seen] == res["losses"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.eval_mme import (main, parse_prediction, read_dir, run_mme, score_category,
+from models.mllm.eval_mme import (main, parse_prediction, read_dir, run_mme, score_category,
                              score_mme, score_results_dir)
 
 ROWS = {
@@ -109,7 +109,7 @@ def test_runner_with_a_tiny_mllm(tmp_path):
     pytest.importorskip("transformers")
     import torch
 
-    from models.data import TOY_WORDS
+    from models.mllm.data import TOY_WORDS
     from models.mllm import MLLM, tiny_components
     torch.manual_seed(0)
     model = MLLM.build(**tiny_components(TOY_WORDS), projector="mlp2x_gelu")

@@ -1,4 +1,5 @@
-"""MLLM, conversation template and LLaVA data on CPU with tiny models built in code."""
+"""MLLM, conversation templates and LLaVA data on CPU with tiny models built in code."""
+import json
 import copy
 import warnings
 
@@ -8,9 +9,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from models.conversation import IGNORE_INDEX, tokenize_conversation  # noqa: E402
-from models.data import (TOY_WORDS, Collator, LLaVADataset, global_batches,  # noqa: E402
-                         write_toy_dataset)
+from models.mllm.conversation import IGNORE_INDEX, tokenize_conversation  # noqa: E402
+from models.mllm.data import TOY_WORDS, Collator, LLaVADataset, write_toy_dataset  # noqa: E402
 from models.mllm import MLLM, tiny_components  # noqa: E402
 
 
@@ -134,40 +134,171 @@ def test_lora_adapter_save_load_round_trip(model, toy, tmp_path):
     assert (want - plain).abs().max() > 1e-3
 
 
-def test_missing_and_corrupt_images_are_reported(model, tmp_path):
-    data = write_toy_dataset(tmp_path, 4, seed=2)
+def test_bad_records_are_skipped_counted_and_reported_once(model, tmp_path):
+    data = write_toy_dataset(tmp_path, 6, seed=2)
+    recs = json.loads(data.read_text())
     (tmp_path / "images" / "2.png").unlink()
     (tmp_path / "images" / "1.png").write_bytes(b"not a png")
-    with pytest.warns(UserWarning, match=r"1 image file\(s\) missing .*2\.png"):
-        ds = _dataset(model, data)
-    assert len(ds) == 3 and ds.missing_files == ["2.png"]
-    with pytest.raises(FileNotFoundError, match=r"2\.png"):
-        _dataset(model, data, on_missing="error")
+    q = {"from": "human", "value": "<image>\nWhat color is the square?"}
+    recs += [{"id": "one-turn", "image": "0.png", "conversations": [q]},
+             {"id": "num", "image": 7, "conversations": recs[0]["conversations"]},
+             {"id": "vid", "video": "a.mp4", "conversations": recs[0]["conversations"]},
+             {"id": "noconv", "image": "0.png"}, ["not", "a", "dict"]]
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(3, '{"id": "broken", "conversations": [')
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        ds = _dataset(model, path)
+    msgs = [str(w.message) for w in caught if "bad record" in str(w.message)]
+    assert len(msgs) == 1, msgs  # one report, at the end of construction
+    report = msgs[0]
+    assert report.startswith("7 bad record(s) of 12 skipped")
+    for s in ("line 4: not valid JSON", "id 'one-turn'", "no answer", "id 'num'",
+              "'image' must be", "id 'vid'", "video records are not supported",
+              "id 'noconv'", "'conversations' must be", "not a dict", "2.png"):
+        assert s in report, s
+    assert len(ds) == 5 and len(ds.bad_records) == 7
+    with pytest.raises(ValueError, match="7 bad record"):
+        _dataset(model, path, strict=True)
     with pytest.warns(UserWarning, match=r"cannot read image .*1\.png"):
         item = ds[1]
-    assert item["skipped"] == 1 and item["id"] == 3
-    batch = Collator(model.tokenizer.pad_token_id)([ds[0], item])
-    assert batch["skipped"] == 1 and batch["num_images"] == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ds[0]["skipped"] == 0
+    assert item["id"] == 3
+    with pytest.raises(ValueError, match="plain template needs"):
+        tokenize_conversation(model.tokenizer, [q], image_token_id=model.image_token_id,
+                              num_image_tokens=2, template="plain")
 
 
-def test_global_batches_shard_disjointly():
-    one = global_batches(21, global_batch=8, per_device_batch=2, world_size=1, rank=0, seed=5,
-                         epoch=1)
-    two = [global_batches(21, global_batch=8, per_device_batch=2, world_size=2, rank=r, seed=5,
-                          epoch=1) for r in range(2)]
-    assert len(one) == 3 and all(len(s) == 4 for s in one) and all(len(s) == 2 for s in two[0])
-    for s in range(3):
-        a = [i for mb in two[0][s] for i in mb]
-        b = [i for mb in two[1][s] for i in mb]
-        assert not set(a) & set(b)
-        assert a + b == [i for mb in one[s] for i in mb]
-    flat = [i for s in one for mb in s for i in mb]
-    assert sorted(set(flat)) == list(range(21))
-    assert one != global_batches(21, global_batch=8, per_device_batch=2, world_size=1, rank=0,
-                                 seed=5, epoch=2)
-    with pytest.raises(ValueError, match="multiple"):
-        global_batches(21, global_batch=8, per_device_batch=3, world_size=1, rank=0, seed=0,
-                       epoch=0)
+def test_multi_image_records_fill_the_image_tokens_in_order(model, tmp_path):
+    data = write_toy_dataset(tmp_path, 3, seed=4)
+    conv = [{"from": "human", "value": "<image>\nWhat color is the square? <image>"},
+            {"from": "gpt", "value": "the square is red"}]
+    path = tmp_path / "multi.json"
+    path.write_text(json.dumps([{"id": "m", "image": ["0.png", "2.png"], "conversations": conv},
+                                {"id": "bad", "image": ["0.png"], "conversations": conv}]))
+    with pytest.warns(UserWarning, match=r"record 1 \(id 'bad'\): 2 <image> placeholder\(s\) "
+                      r"but 1 image"):
+        ds = _dataset(model, path)
+    item = ds[0]
+    assert item["pixel_values"].shape == (2, 3, 28, 28)
+    single = _dataset(model, data)
+    torch.testing.assert_close(item["pixel_values"][1], single[2]["pixel_values"][0])
+    b = Collator(model.tokenizer.pad_token_id)([item, single[1]])
+    assert b["pixel_values"].shape[0] == 3
+    with torch.no_grad():
+        emb = model.embed(b["input_ids"], b["pixel_values"])
+        vis = model.encode_images(b["pixel_values"])
+    pos = (b["input_ids"][0] == model.image_token_id).nonzero()[:, 0]
+    n = model.num_visual_tokens
+    torch.testing.assert_close(emb[0, pos[:n]], vis[0])
+    torch.testing.assert_close(emb[0, pos[n:]], vis[1])
+    torch.testing.assert_close(emb[1, b["input_ids"][1] == model.image_token_id], vis[2])
+
+
+def _tok_with(model, *tokens):
+    tok = copy.deepcopy(model.tokenizer)
+    tok.add_tokens(list(tokens), special_tokens=True)
+    return tok
+
+
+@pytest.mark.parametrize("name,end,text", [
+    ("vicuna_v1", "</s>", "questions. USER: <image>\nIs it red? ASSISTANT: Yes</s>USER: Is it "
+                          "blue? ASSISTANT: No</s>"),
+    ("llava_llama_2", "</s>", "[INST] <<SYS>>\nYou are a helpful language and vision assistant."),
+    ("mistral_instruct", "</s>", "[INST] <image>\nIs it red? [/INST] Yes </s>[INST] Is it blue? "
+                                 "[/INST] No </s>"),
+    ("chatml", "<|im_end|>", "<|im_start|>user\n<image>\nIs it red?<|im_end|>\n<|im_start|>"
+                             "assistant\nYes<|im_end|>\n<|im_start|>user\n"),
+    ("llama_3", "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\nYes<|eot_id|>"
+                              "<|start_header_id|>user<|end_header_id|>\n\nIs it blue?"),
+])
+def test_templates_label_only_the_answers(model, name, end, text):
+    from models.mllm.conversation import get_template
+    tok = _tok_with(model, "<|im_end|>", "<|eot_id|>", "Yes", "No", "blue", "red", "it")
+    conv = [{"from": "human", "value": "<image>\nIs it red?"}, {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": "Is it blue?"}, {"from": "gpt", "value": "No"}]
+    assert text in get_template(name).render([c["value"] for c in conv])
+    enc = tokenize_conversation(tok, conv, image_token_id=model.image_token_id,
+                                num_image_tokens=3, template=name)
+    trained = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(trained) == ["Yes", end, "No", end]
+    assert enc["input_ids"].count(model.image_token_id) == 3
+
+
+def test_tokenizer_chat_template_gives_assistant_only_labels(model):
+    tok = _tok_with(model, "<|u|>", "<|a|>", "<|e|>", "Yes", "No", "red", "it")
+    tok.chat_template = ("{% for m in messages %}{{ '<|u|>' if m['role'] == 'user' else '<|a|>' }}"
+                         "{{ m['content'] }}<|e|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|a|>{% endif %}")
+    conv = [{"from": "human", "value": "<image>\nIs it red?"}, {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "No"}]
+    enc = tokenize_conversation(tok, conv, image_token_id=model.image_token_id,
+                                num_image_tokens=2, template="chat_template")
+    toks = tok.convert_ids_to_tokens(enc["input_ids"])
+    assert toks[:4] == ["<|u|>", "<image>", "<image>", "Is"]
+    trained = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(trained) == ["Yes", "<|e|>", "No", "<|e|>"]
+    gen = tokenize_conversation(tok, conv[:3], image_token_id=model.image_token_id,
+                                num_image_tokens=2, template="chat_template", for_generation=True)
+    assert tok.convert_ids_to_tokens(gen["input_ids"])[-1] == "<|a|>"
+    with pytest.raises(ValueError, match="chat_template"):
+        tokenize_conversation(model.tokenizer, conv, image_token_id=1, num_image_tokens=1,
+                              template="chat_template")
+
+
+def test_modality_grouped_batches_hold_one_modality():
+    from models.mllm.trainer import modality_grouped_indices
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    lengths = [int(x) for x in torch.randint(1, 50, (37,))]
+    sign = torch.rand(37) < 0.4
+    lengths = [-n if s else n for n, s in zip(lengths, sign)]
+    order = modality_grouped_indices(lengths, 4, g)
+    assert sorted(order) == list(range(37))
+    full = [order[i:i + 4] for i in range(0, len(order), 4)]
+    n_full = sum(1 for n in lengths if n > 0) // 4 + sum(1 for n in lengths if n < 0) // 4
+    for batch in full[:n_full]:
+        assert len({lengths[i] > 0 for i in batch}) == 1, batch
+        assert [abs(lengths[i]) for i in batch] == sorted((abs(lengths[i]) for i in batch),
+                                                          reverse=True)
+
+
+def test_pad_aspect_ratio_pads_to_a_square_with_the_mean_colour(model, tmp_path):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng()
+    arr = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)  # wide image
+    (tmp_path / "images").mkdir()
+    Image.fromarray(arr).save(tmp_path / "images" / "w.png")
+    conv = [{"from": "human", "value": "<image>\nWhat color is the square?"},
+            {"from": "gpt", "value": "red"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": 0, "image": "w.png",
+                                                   "conversations": conv}]))
+    pad = _dataset(model, tmp_path / "d.json")[0]["pixel_values"][0]
+    crop = _dataset(model, tmp_path / "d.json", image_aspect_ratio="crop")[0]["pixel_values"][0]
+    proc = model.image_processor
+    square = np.zeros((36, 36, 3), np.uint8) + np.array([int(255 * m) for m in proc.image_mean],
+                                                        np.uint8)
+    square[8:28] = arr
+    want = proc(images=Image.fromarray(square), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pad, want)
+    assert (pad - crop).abs().max() > 0.1
+    with pytest.raises(ValueError, match="image_aspect_ratio"):
+        _dataset(model, tmp_path / "d.json", image_aspect_ratio="square")
+
+
+def test_added_image_token_rows_are_the_mean_so_rebuilds_match():
+    import transformers as tf
+
+    from models.mllm.model import ensure_image_token, word_level_tokenizer
+    tok = word_level_tokenizer()
+    tid = tok.convert_tokens_to_ids("<image>")
+    cfg = tf.LlamaConfig(vocab_size=tid, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False)
+    lm = tf.LlamaForCausalLM(cfg)
+    again = copy.deepcopy(lm)
+    assert ensure_image_token(tok, lm) == ensure_image_token(tok, again) == tid
+    for a, b in ((lm.get_input_embeddings(), again.get_input_embeddings()),
+                 (lm.get_output_embeddings(), again.get_output_embeddings())):
+        assert a.weight.shape[0] == len(tok)
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+        torch.testing.assert_close(a.weight[tid], a.weight[:tid].mean(0))

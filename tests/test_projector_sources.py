@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import models
-from models.layers import eager_attention
-from models.pargo import QuerySelfPattern, _self_attention
+from models.projectors.layers import eager_attention
+from models.projectors.pargo import QuerySelfPattern, _self_attention
 from pargo_kernels.testing import REL_TOL, rel_error
 from test_projectors import GRID, LLM, VISION, WITH_KERNELS, build, compare, perturb_
 

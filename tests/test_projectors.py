@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import models
-from models.layers import CrossPattern
-from models.pargo import QuerySelfPattern
+from models.projectors.layers import CrossPattern
+from models.projectors.pargo import QuerySelfPattern
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 from pargo_kernels.testing import REL_TOL, rel_error
 

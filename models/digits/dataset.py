@@ -11,7 +11,7 @@ with scikit-learn, no download) composed into ``rows x cols`` grids, with questi
   "what digit is below the 5 ?" -> ``"3"``.
 
 Every answer is one word computed from the composed labels. Files are LLaVA JSON (what
-:class:`models.data.LLaVADataset` reads) plus ``images/*.png`` (grayscale, ``8 * rows * upsample``
+:class:`models.mllm.data.LLaVADataset` reads) plus ``images/*.png`` (grayscale, ``8 * rows * upsample``
 by ``8 * cols * upsample`` px):
 
 * ``train.json``: one record per training image with one question of each type as a multi-turn

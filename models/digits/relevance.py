@@ -1,8 +1,8 @@
 """Relevance maps of an MLLM's answer over the vision patches, in the spirit of DeCo's R-GAE.
 
-Attention projectors (ParGo, Q-Former; any :class:`models.pargo._QueryProjector`): the projector
+Attention projectors (ParGo, Q-Former; any :class:`models.projectors.pargo._QueryProjector`): the projector
 runs its reference path (``impl="reference"``) and every layer's attention probabilities ``A``
-``[B, H, Nq, Nk]`` are captured through :attr:`models.layers.Attention.probs_hook` with their
+``[B, H, Nq, Nk]`` are captured through :attr:`models.projectors.layers.Attention.probs_hook` with their
 gradients w.r.t. the target logit. Gradient-weighted attention ``Abar = mean_heads((dA * A)^+)``
 is rolled out over the layers as in Chefer et al. (ICCV 2021, the bi-modal rules), queries ``q``
 and image patches ``i`` (the patches are not updated inside the projector, so ``R_ii = I``):
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 
 def is_attention_projector(proj: nn.Module) -> bool:
-    from ..pargo import _QueryProjector
+    from ..projectors.pargo import _QueryProjector
     return isinstance(proj, _QueryProjector)
 
 

@@ -135,7 +135,7 @@ def _progress(name: str, total: int, every: int):
 def run_projector(name: str, p: dict, data: dict, work: Path, device_impl: str,
                   test_records: list[dict], seed: int) -> tuple[dict, object]:
     from ..mllm import MLLM
-    from ..train import TrainConfig, train
+    from ..mllm.train import train
     comp = components(p, data["words"], data["image_size"])
     torch.manual_seed(seed)
     model = MLLM.build(comp["vision_tower"], comp["llm"], name, tokenizer=comp["tokenizer"],
@@ -151,15 +151,14 @@ def run_projector(name: str, p: dict, data: dict, work: Path, device_impl: str,
                 m.reset_parameters()
     n_params = {k: sum(x.numel() for x in getattr(model, k).parameters())
                 for k in ("vision_tower", "projector", "llm")}
-    cfg = TrainConfig(output_dir=str(work / name), data_path=str(data["train"]),
-                      image_folder=str(data["image_folder"]), stage=2, llm_mode="full",
-                      tune_vision_tower=True, projector=name, vision_feature_layer=-1,
-                      max_steps=p["steps"], global_batch_size=p["batch"],
-                      per_device_batch_size=p["batch"], learning_rate=p["lr"],
-                      warmup_ratio=p["warmup_ratio"], weight_decay=p["weight_decay"],
-                      lr_scheduler="cosine", max_length=512, progress=False, seed=seed,
-                      template=p.get("template", "vicuna_v1"),
-                      bf16=torch.cuda.is_available())
+    cfg = dict(output_dir=str(work / name), data_path=str(data["train"]),
+               image_folder=str(data["image_folder"]), stage=2, unfreeze_mm_vision_tower=True,
+               projector=name, mm_vision_select_layer=-1, max_steps=p["steps"],
+               per_device_train_batch_size=p["batch"], learning_rate=p["lr"],
+               warmup_ratio=p["warmup_ratio"], weight_decay=p["weight_decay"],
+               lr_scheduler_type="cosine", model_max_length=512, disable_tqdm=True, seed=seed,
+               version=p.get("template", "vicuna_v1"), save_strategy="no",
+               bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
     t0 = time.time()
     res = train(cfg, model=model, on_step=_progress(name, p["steps"], p["log_every"]))
     t_train = time.time() - t0

@@ -147,7 +147,7 @@ class _QueryProjector(Projector):
         ``copy_ffn=True`` (the released code keeps BERT's text feed-forward apart and trains a
         fresh query feed-forward; BLIP-2's stage 1 copies the text one into it). A BERT with
         fewer layers than the projector (bert-small: 4, the paper: 6) fills the first ones; the
-        others keep their fresh initialisation. See :func:`models.layers.load_bert_weights`;
+        others keep their fresh initialisation. See :func:`models.projectors.layers.load_bert_weights`;
         returns the names of the loaded parameters."""
         return load_bert_weights(self.layers, self.query_norm, bert,
                                  position_embeddings=self.position_embeddings,

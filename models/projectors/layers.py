@@ -5,7 +5,7 @@ reference.
 One layer is, in order (post-LayerNorm residuals, as in BERT and BLIP-2's Q-Former):
 
 1. self-attention among the queries (ParGo: partial queries among themselves, global ones among
-   themselves, :class:`models.pargo.QuerySelfPattern`; Q-Former: full),
+   themselves, :class:`models.projectors.pargo.QuerySelfPattern`; Q-Former: full),
 2. cross-attention from the queries to the visual features (ParGo: the partial-global mask;
    Q-Former: full), absent in a layer built with ``cross=False`` (BLIP-2's every other layer),
 3. feed-forward (Linear, GELU, Linear).

@@ -6,7 +6,7 @@
 ``vision_tower`` / ``llm`` / ``tokenizer`` / ``image_processor`` each accept a Hugging Face name,
 a local directory written by ``save_pretrained``, a config object (built with fresh weights) or a
 ready module. Text carries ``num_visual_tokens`` copies of the image token per image (see
-:mod:`models.conversation`); ``forward`` overwrites their embeddings with the projector output.
+:mod:`models.mllm.conversation`); ``forward`` overwrites their embeddings with the projector output.
 
 transformers / peft are imported here, so ``import models`` stays light: import this submodule
 explicitly (``from models.mllm import MLLM``).
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_conversation
-from .registry import build_projector, projector_from_config
+from ..projectors.registry import build_projector, projector_from_config
 
 MLLM_CONFIG = "mllm_config.json"
 PROJECTOR_WEIGHTS = "projector.pt"
@@ -33,10 +33,11 @@ def _is_path_or_name(spec) -> bool:
     return isinstance(spec, (str, os.PathLike))
 
 
-def load_vision_tower(spec) -> nn.Module:
+def load_vision_tower(spec, dtype=None) -> nn.Module:
     """A CLIP / SigLIP (or any HF vision) model from a name, a directory, a config or a module.
 
-    A full CLIP / SigLIP checkpoint (text + vision) gives its vision half.
+    A full CLIP / SigLIP checkpoint (text + vision) gives its vision half. ``dtype`` is passed
+    to ``from_pretrained`` (None: the checkpoint's own dtype).
     """
     import transformers as tf
     if isinstance(spec, nn.Module):
@@ -54,24 +55,26 @@ def load_vision_tower(spec) -> nn.Module:
         spec = str(spec)
         cfg = tf.AutoConfig.from_pretrained(spec)
         if cfg.model_type in ("clip", "clip_vision_model"):
-            return tf.CLIPVisionModel.from_pretrained(spec)
+            return tf.CLIPVisionModel.from_pretrained(spec, dtype=dtype)
         if cfg.model_type in ("siglip", "siglip_vision_model"):
-            return tf.SiglipVisionModel.from_pretrained(spec)
-        model = tf.AutoModel.from_pretrained(spec)
+            return tf.SiglipVisionModel.from_pretrained(spec, dtype=dtype)
+        model = tf.AutoModel.from_pretrained(spec, dtype=dtype)
         return getattr(model, "vision_model", model)
     raise TypeError(f"vision_tower must be a name, a path, a PretrainedConfig or an nn.Module, "
                     f"got {type(spec).__name__}")
 
 
-def load_llm(spec) -> nn.Module:
-    """A causal LM from a name, a directory, a config (fresh weights) or a module."""
+def load_llm(spec, dtype=None, **from_pretrained_kwargs) -> nn.Module:
+    """A causal LM from a name, a directory, a config (fresh weights) or a module. ``dtype`` and
+    ``from_pretrained_kwargs`` (e.g. ``quantization_config``) go to ``from_pretrained``."""
     import transformers as tf
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, tf.PretrainedConfig):
         return tf.AutoModelForCausalLM.from_config(spec)
     if _is_path_or_name(spec):
-        return tf.AutoModelForCausalLM.from_pretrained(str(spec))
+        return tf.AutoModelForCausalLM.from_pretrained(str(spec), dtype=dtype,
+                                                       **from_pretrained_kwargs)
     raise TypeError(f"llm must be a name, a path, a PretrainedConfig or an nn.Module, "
                     f"got {type(spec).__name__}")
 
@@ -117,12 +120,17 @@ class MLLM(nn.Module):
     """Vision tower -> projector -> causal LM, LLaVA style.
 
     ``forward(input_ids, attention_mask, pixel_values, labels)`` returns
-    ``{"logits", "loss", "loss_sum", "num_tokens"}``; the loss is a token mean over the labels
-    that are not ``-100`` (``loss_sum`` / ``num_tokens`` let a trainer normalise over a whole
-    global batch). ``input_ids`` must contain ``num_visual_tokens`` image tokens per image, in
-    the order of ``pixel_values``. Position ids follow the attention mask, so left and right
-    padding give the same logits on real tokens.
+    ``{"logits", "loss", "loss_sum", "num_tokens"}``; the loss is ``loss_sum / num_tokens``, a
+    token mean over the labels that are not ``-100`` (after the causal shift), or
+    ``loss_sum / num_items_in_batch`` when ``transformers.Trainer`` passes the label count of
+    the whole global batch (so the loss of a step does not depend on how it is split into
+    micro-batches and processes). ``input_ids`` must contain ``num_visual_tokens`` image
+    tokens per image, in the order of ``pixel_values``. Position ids follow the attention mask,
+    so left and right padding give the same logits on real tokens.
     """
+    # transformers.Trainer: forward takes num_items_in_batch, counted over labels[:, 1:]
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module,
                  image_token_id: int, *, vision_feature_layer: int = -2,
@@ -155,21 +163,21 @@ class MLLM(nn.Module):
     @classmethod
     def build(cls, vision_tower, llm, projector: str | dict | nn.Module = "mlp2x_gelu", *,
               tokenizer=None, image_processor=None, projector_kwargs: dict | None = None,
-              vision_feature_layer: int = -2, freeze_vision_tower: bool = True) -> "MLLM":
+              vision_feature_layer: int = -2, freeze_vision_tower: bool = True,
+              dtype=None, llm_kwargs: dict | None = None) -> "MLLM":
         """Build from specs (see the module docstring). ``projector`` is a registry name (built
         with the tower's width and grid and the LLM's width, plus ``projector_kwargs``), a
         ``proj.config`` dict, or a module. ``tokenizer`` defaults to ``llm`` when that is a
-        name or path; ``<image>`` is added to it (and the LLM's embeddings resized) if missing."""
-        tower = load_vision_tower(vision_tower)
-        lm = load_llm(llm)
+        name or path; ``<image>`` is added to it (and the LLM's embeddings resized) if missing.
+        ``dtype`` / ``llm_kwargs`` go to the ``from_pretrained`` of components given by path."""
+        tower = load_vision_tower(vision_tower, dtype=dtype)
+        lm = load_llm(llm, dtype=dtype, **(llm_kwargs or {}))
         if tokenizer is None:
             if not _is_path_or_name(llm):
                 raise ValueError("tokenizer is required when llm is not a name or a path")
             tokenizer = llm
         tok = load_tokenizer(tokenizer)
-        n_vocab = lm.get_input_embeddings().num_embeddings
         image_token_id = ensure_image_token(tok, lm)
-        llm_resized = lm.get_input_embeddings().num_embeddings != n_vocab
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         grid = vision_grid_of(tower.config)
@@ -187,8 +195,13 @@ class MLLM(nn.Module):
         proc = load_image_processor(image_processor, tower.config)
         model = cls(tower, proj, lm, image_token_id, vision_feature_layer=vision_feature_layer,
                     freeze_vision_tower=freeze_vision_tower, tokenizer=tok, image_processor=proc)
-        model.llm_resized = llm_resized
         return model
+
+    @property
+    def config(self):
+        """The LLM's config (what ``Trainer`` / DeepSpeed read for ``hidden_size`` "auto"
+        values)."""
+        return self.llm.config
 
     @property
     def num_visual_tokens(self) -> int:
@@ -203,6 +216,12 @@ class MLLM(nn.Module):
                 self.vision_feature_layer, "image_token": IMAGE_PLACEHOLDER,
                 "image_token_id": self.image_token_id,
                 "num_visual_tokens": self.num_visual_tokens}
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Activation checkpointing in the LLM (what ``--gradient_checkpointing`` calls)."""
+        self.llm.config.use_cache = False
+        self.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
 
     # -- LoRA
     def apply_lora(self, r: int = 256, alpha: int = 512, dropout: float = 0.05,
@@ -264,7 +283,8 @@ class MLLM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                pixel_values: Tensor | None = None, labels: Tensor | None = None) -> dict:
+                pixel_values: Tensor | None = None, labels: Tensor | None = None,
+                num_items_in_batch: Tensor | int | None = None) -> dict:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -281,7 +301,8 @@ class MLLM(nn.Module):
                                        shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
             num = (shift_labels != IGNORE_INDEX).sum()
-            out.update(loss_sum=loss_sum, num_tokens=num, loss=loss_sum / num.clamp(min=1))
+            denom = num.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            out.update(loss_sum=loss_sum, num_tokens=num, loss=loss_sum / denom)
         return out
 
     # -- generation
@@ -381,15 +402,34 @@ class MLLM(nn.Module):
 
 
 def ensure_image_token(tokenizer, llm: nn.Module) -> int:
-    """The id of ``<image>`` in ``tokenizer``, adding it (and resizing the LLM's embeddings) if
-    missing."""
+    """The id of ``<image>`` in ``tokenizer``, adding it if missing. The LLM's embeddings (and
+    untied output head) then grow by rows set to the mean of the old rows: deterministic, so
+    rebuilding the model from the same LLM path reproduces them exactly (no copy of the resized
+    LLM is needed to restore a checkpoint)."""
     tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if tid is None or tid == tokenizer.unk_token_id:
         tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
         tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    if tid >= llm.get_input_embeddings().num_embeddings:
-        llm.resize_token_embeddings(len(tokenizer))
+    n_old = llm.get_input_embeddings().num_embeddings
+    if tid >= n_old:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        heads = [llm.get_input_embeddings(), llm.get_output_embeddings()]
+        weights = {id(m.weight): m.weight for m in heads if m is not None}  # tied: once
+        for w in weights.values():
+            with _gathered(w):
+                with torch.no_grad():
+                    w[n_old:] = w[:n_old].mean(0)
     return int(tid)
+
+
+def _gathered(param):
+    """The whole of ``param`` (ZeRO-3 partitions it; rank 0's writes are kept)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    import contextlib
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------- tiny in-code models

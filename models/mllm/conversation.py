@@ -1,0 +1,200 @@
+"""Conversation templates (LLaVA's) and tokenisation with assistant-only labels.
+
+Templates (``--version``): ``plain`` (stage 1: the image tokens then the caption, no prompt),
+``vicuna_v1`` (stage 2 default)::
+
+    {system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+
+``llava_llama_2``, ``mistral_instruct``, ``chatml``, ``llama_3`` (as LLaVA / LLaVA-NeXT write
+them), and ``chat_template``: the tokenizer's own Jinja chat template (``apply_chat_template``),
+rendered turn by turn.
+
+Labels are ``-100`` everywhere except on the assistant answers and the token that closes each
+answer (``</s>``, ``<|im_end|>``, ``<|eot_id|>``: what LLaVA trains on). The text is tokenised one
+segment (prompt part / answer) at a time, so the label mask is exact by construction rather than
+recovered from string offsets.
+
+``<image>`` in the text becomes ``num_image_tokens`` copies of the image token id (the model
+overwrites their embeddings with the projector output), so sequences carry their full length
+and left or right padding is a plain pad.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 "questions.")
+LLAVA_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand "
+                "the visual content that the user provides, and assist the user with a variety "
+                "of tasks using natural language.")
+
+_ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """``bos? first_user(system, q1) assistant(a1) end between user(q2) assistant(a2) end ...``.
+
+    ``end`` is the text closing an answer; None means the tokenizer's eos id (shown as ``</s>``).
+    The user parts (untrained) end with the assistant's header, so they are also the generation
+    prompt.
+    """
+    first_user: str
+    user: str
+    assistant: str = "{msg}"
+    end: str | None = None
+    between: str = ""
+    system: str = ""
+    bos: bool = True
+
+    def segments(self, turns: list[str]) -> list[tuple[str | None, bool]]:
+        """``(text, trained)`` pieces; text None stands for the eos token."""
+        out: list[tuple[str | None, bool]] = []
+        for i, msg in enumerate(turns):
+            if i % 2 == 0:
+                fmt = self.first_user if i == 0 else self.between + self.user
+                out.append((fmt.format(system=self.system, msg=msg), False))
+            else:
+                out.append((self.assistant.format(msg=msg), True))
+                out.append((self.end, True))
+        return out
+
+    def render(self, turns: list[str], add_generation_prompt: bool = False) -> str:
+        """The prompt as text (for display). ``add_generation_prompt`` is implied: a
+        conversation ending on a user turn already ends with the assistant's header."""
+        return "".join("</s>" if t is None else t for t, _ in self.segments(turns))
+
+
+TEMPLATES: dict[str, ConversationTemplate | None] = {
+    "plain": None,
+    "vicuna_v1": ConversationTemplate(first_user="{system} USER: {msg} ASSISTANT:",
+                                      user="USER: {msg} ASSISTANT:", assistant=" {msg}",
+                                      system=VICUNA_SYSTEM),
+    "llava_llama_2": ConversationTemplate(
+        first_user="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{msg} [/INST]",
+        user="[INST] {msg} [/INST]", assistant=" {msg} ", between="<s>", system=LLAVA_SYSTEM),
+    "mistral_instruct": ConversationTemplate(first_user="[INST] {msg} [/INST]",
+                                             user="[INST] {msg} [/INST]", assistant=" {msg} "),
+    "chatml": ConversationTemplate(
+        first_user="<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{msg}<|im_end|>\n"
+                   "<|im_start|>assistant\n",
+        user="<|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n", end="<|im_end|>",
+        between="\n", system="Answer the questions.", bos=False),
+    "llama_3": ConversationTemplate(
+        first_user="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+                   "<|start_header_id|>user<|end_header_id|>\n\n{msg}<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{msg}<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        end="<|eot_id|>", system=LLAVA_SYSTEM),
+    "chat_template": None,
+}
+TEMPLATE_NAMES = tuple(TEMPLATES)
+
+
+def get_template(name: str) -> ConversationTemplate | None:
+    """The template called ``name`` (None for ``plain`` and ``chat_template``, which are
+    handled by :func:`tokenize_conversation` directly)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"template (--version) must be one of {list(TEMPLATES)}, got {name!r}")
+    return TEMPLATES[name]
+
+
+def _normalise_turns(conversations) -> list[str]:
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"conversations must be a non-empty list, got {conversations!r}")
+    turns = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"conversations[{i}] must be a dict with 'from' and 'value', "
+                             f"got {turn!r}")
+        role = _ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise ValueError(f"conversations[{i}]['from'] must be one of {sorted(_ROLES)}, "
+                             f"got {turn['from']!r}")
+        if role != i % 2:
+            raise ValueError(f"conversations must alternate human/gpt starting with human; "
+                             f"turn {i} is from {turn['from']!r}")
+        turns.append(str(turn["value"]))
+    return turns
+
+
+def _encode_text(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> list[int]:
+    """Token ids of ``text`` with each ``<image>`` expanded to ``num_image_tokens`` ids."""
+    ids: list[int] = []
+    for j, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if j > 0:
+            ids += [image_token_id] * num_image_tokens
+        if part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _chat_template_segments(tokenizer, turns: list[str]) -> list[tuple[str, bool]]:
+    """The tokenizer's chat template rendered after each turn; each turn's segment is what it
+    adds (user turns with the generation prompt, so the assistant header is not trained)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat_template' needs a tokenizer with a chat_template")
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": m}
+            for i, m in enumerate(turns)]
+    out, prev = [], ""
+    for i in range(len(msgs)):
+        text = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False,
+                                             add_generation_prompt=i % 2 == 0)
+        if not text.startswith(prev):
+            raise ValueError("the tokenizer's chat template does not render a conversation as "
+                             "a prefix of its continuation; pick a --version template instead")
+        out.append((text[len(prev):], i % 2 == 1))
+        prev = text
+    return out
+
+
+def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_image_tokens: int,
+                          template: str = "vicuna_v1", max_length: int | None = None,
+                          for_generation: bool = False) -> dict:
+    """Token ids and labels of one LLaVA conversation.
+
+    Returns ``{"input_ids": list[int], "labels": list[int], "num_images": int}``. With
+    ``for_generation=True`` the last gpt turn (if any) is dropped and the prompt ends with the
+    assistant's header. ``max_length`` truncates from the right; a truncation that would cut
+    into the image tokens raises ``ValueError`` (the dataset reports and skips such records).
+    """
+    turns = _normalise_turns(conversations)
+    if for_generation and len(turns) % 2 == 0:
+        turns = turns[:-1]
+    tmpl = get_template(template)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer must have an eos_token")
+    enc = lambda s: _encode_text(tokenizer, s, image_token_id, num_image_tokens)  # noqa: E731
+    bos = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None
+           and template != "chat_template" and (tmpl is None or tmpl.bos) else [])
+    input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+
+    def add(ids, train):
+        input_ids.extend(ids)
+        labels.extend(ids if train else [IGNORE_INDEX] * len(ids))
+
+    if template == "plain":  # <image> + the first answer, as LLaVA's stage-1 pretraining
+        if len(turns) < 2 and not for_generation:
+            raise ValueError("the plain template needs a question turn and an answer turn")
+        add(enc(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in turns[0] else [], False)
+        if not for_generation:
+            add(enc(turns[1]) + [eos], True)
+    else:
+        segs = (_chat_template_segments(tokenizer, turns) if tmpl is None
+                else tmpl.segments(turns))
+        for text, train in segs:
+            add([eos] if text is None else enc(text), train)
+    num_images = sum(msg.count(IMAGE_PLACEHOLDER) for msg in turns)
+    if max_length is not None and len(input_ids) > max_length:
+        kept = input_ids[:max_length].count(image_token_id)
+        if kept != num_images * num_image_tokens:
+            raise ValueError(f"max_length={max_length} would truncate the image tokens "
+                             f"(sequence of {len(input_ids)} tokens)")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels, "num_images": num_images}
