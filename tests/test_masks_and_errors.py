@@ -183,3 +183,18 @@ def test_auto_does_not_prefer_cuda_until_measured():
     from pargo_kernels import attention
     pref = attention._AUTO_PREFERENCE_CUDA_TENSORS
     assert pref.index("triton") < pref.index("cuda")
+
+
+@pytest.mark.parametrize("np_, nv", [(13, 37), (150, 333), (1, 5), (7, 8), (5, 5), (31, 97)])
+def test_1d_windows_by_definition(np_, nv):
+    """The 1-D mask builder against its definition written as a plain loop (DESIGN.md §1): partial
+    query i sees keys [floor(i*Nv/Np), floor((i+1)*Nv/Np)). Also what the definition implies:
+    the windows tile the keys in order, each of floor(Nv/Np) or ceil(Nv/Np) keys."""
+    mask = PartialGlobalMask(np_ + 3, nv, np_).materialize()
+    for i in range(np_):
+        lo, hi = (i * nv) // np_, ((i + 1) * nv) // np_
+        assert mask[i].tolist() == [lo <= j < hi for j in range(nv)], f"partial query {i}"
+    assert mask[np_:].all()
+    owner = mask[:np_].int().argmax(0)
+    assert (mask[:np_].sum(0) == 1).all() and (owner.diff() >= 0).all()
+    assert set(mask[:np_].sum(1).tolist()) <= {nv // np_, -(-nv // np_)}
