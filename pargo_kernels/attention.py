@@ -204,8 +204,8 @@ def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
     accumulation are fp32; fp32 inputs are computed in true fp32 (no TF32).
     """
     _check_qkv(q, k, v)
-    mask = PartialGlobalMask(q.shape[2], k.shape[2], n_partial, _grid(visual_grid),
-                             _grid(partial_grid))
+    mask = PartialGlobalMask(q.shape[2], k.shape[2], n_partial, _grid("visual_grid", visual_grid),
+                             _grid("partial_grid", partial_grid))
     scale = check_scale(scale, q.shape[3])
     return _run("partial_global_attention", q, k, v, mask, scale, backend)
 
@@ -272,12 +272,12 @@ def cascade_windows(n_partial: int, n_layers: int, mode: str = "causal") -> list
     return windows
 
 
-def _grid(grid):
+def _grid(name, grid):
     if grid is None:
         return None
     if isinstance(grid, (tuple, list)):
         return tuple(grid)
-    raise TypeError(f"grids must be a pair (rows, cols) of ints, got {grid!r}")
+    raise TypeError(f"{name} must be a pair (rows, cols) of ints, got {grid!r}")
 
 
 __all__ = ["partial_global_attention", "band_attention", "cascade_windows"]
