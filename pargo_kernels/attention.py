@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _cuda
+from ._transforms import autocast_like_sdpa, no_double_backward, refuse_functorch, register_autocast
 from ._validate import check_int, check_same, check_scale, check_tensor
 from .masks import BandMask, PartialGlobalMask
 from .reference import masked_attention
@@ -87,6 +88,8 @@ def _backward(ctx, dout, _dlse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward(_bwd_op, "partial_global_attention / band_attention")
+register_autocast(torch.ops.pargo.masked_attention_fwd.default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +148,7 @@ def _run(op: str, q: Tensor, k: Tensor, v: Tensor, mask, scale: float, backend: 
         preference=_AUTO_PREFERENCE_CUDA_TENSORS if q.is_cuda else ("reference",))
     if chosen == "reference":
         return masked_attention(q, k, v, mask.materialize(q.device), scale)
+    refuse_functorch(op, chosen)
     out, _ = _fwd_op(q, k, v, mask.kind, list(mask.params), scale, chosen)
     return out
 
@@ -169,6 +173,7 @@ def _check_qkv(q, k, v) -> None:
 # --------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------
+@autocast_like_sdpa("q", "k", "v")
 def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
                              scale: Optional[float] = None,
                              visual_grid: Optional[Sequence[int]] = None,
@@ -210,6 +215,7 @@ def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
     return _run("partial_global_attention", q, k, v, mask, scale, backend)
 
 
+@autocast_like_sdpa("q", "k", "v")
 def band_attention(q: Tensor, k: Tensor, v: Tensor, window: Sequence[int], *,
                    scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Banded self-attention (ParGo's Cascaded Partial Perception, DESIGN.md §2).

@@ -171,3 +171,109 @@ def test_cuda_kernels_edge_semantics(case):
         for value in NONFINITE:
             for where in ("q", "kv"):
                 _check_nonfinite(case, value, where, "cuda", dtype, "cuda", D=64)
+
+
+# --------------------------------------------------------------------------------------------
+# autocast, torch.func / double backward, determinism
+# --------------------------------------------------------------------------------------------
+POOL = dict(in_grid=(5, 7), out_grid=(3, 2))
+
+
+def _pool_inputs(device, dtype=torch.float32):
+    return (torch.randn(2, 35, 24, device=device).to(dtype),
+            (torch.randn(16, 24, device=device) * 0.2).to(dtype),
+            torch.randn(16, device=device).to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["pg1d", "band"])
+def test_autocast_casts_like_sdpa(case, amp, backend, device):
+    """Under torch.autocast(device, amp): mixed-dtype q, k, v accepted, cast to ``amp``, the
+    output in ``amp`` as SDPA's, equal to the op on inputs cast by hand; gradients flow back to
+    the inputs in their own dtypes. The registered op follows the same rule."""
+    mask, call = CASES[case]
+    q, k, v = _inputs(mask, torch.float32, device)
+    k = k.to(torch.float16 if amp == torch.bfloat16 else torch.bfloat16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with torch.autocast(device, dtype=amp):
+        out = call(*leaves, backend)
+        sdpa = F.scaled_dot_product_attention(q, k.float(), v, attn_mask=mask.materialize(device))
+        op_out, _ = torch.ops.pargo.masked_attention_fwd(q, k, v, mask.kind, list(mask.params),
+                                                         0.25, "triton")
+    assert out.dtype == sdpa.dtype == op_out.dtype == amp
+    by_hand = [t.detach().to(amp).requires_grad_(True) for t in (q, k, v)]
+    expected = call(*by_hand, backend)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for leaf, ref in zip(leaves, by_hand):
+        assert leaf.grad.dtype == leaf.dtype
+        assert torch.equal(leaf.grad, ref.grad.to(leaf.dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_pooling_like_torch(backend, device):
+    """adaptive_avg_pool_project casts as F.linear does (autocast dtype); the pooling alone
+    runs in the input dtype, as F.adaptive_avg_pool2d does."""
+    x, w, b = _pool_inputs(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        proj = pk.adaptive_avg_pool_project(x, w, b.half(), **POOL, backend=backend)
+        pooled = pk.adaptive_avg_pool_tokens(x, **POOL, backend=backend)
+        linear = F.linear(x, w, b)
+        avg = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(2, 24, 5, 7), (3, 2))
+    assert proj.dtype == linear.dtype == torch.bfloat16
+    assert pooled.dtype == avg.dtype == torch.float32
+    expected = pk.adaptive_avg_pool_project(x.bfloat16(), w.bfloat16(), b.half().bfloat16(), **POOL,
+                                            backend=backend)
+    assert torch.equal(proj, expected)
+
+
+def test_torch_func_and_double_backward_are_refused_clearly(device):
+    """jacrev / vmap-based transforms and double backward raise NotImplementedError naming what
+    is unsupported on the kernel backend; the reference backend supports both, and plain-autograd
+    Jacobians (torch.autograd.functional.jacobian) work on the kernels and agree with it."""
+    mask, call = CASES["pg1d"]
+    q, k, v = _inputs(mask, torch.float32, device)
+    q, k, v = q[:1, :1], k[:1, :1], v[:1, :1]
+    x, w, b = _pool_inputs(device)
+    kernel_fns = {
+        "attention": (lambda t: call(t, k, v, "triton"), q),
+        "pool": (lambda t: pk.adaptive_avg_pool_tokens(t, **POOL, backend="triton"), x),
+        "pool_project": (lambda t: pk.adaptive_avg_pool_project(t, w, b, **POOL,
+                                                                backend="triton"), x),
+    }
+    for name, (fn, inp) in kernel_fns.items():
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms .*'triton'"):
+            torch.func.jacrev(fn)(inp)
+        leaf = inp.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(leaf).square().sum(), leaf, create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            g.sum().backward()
+    jac = torch.autograd.functional.jacobian(kernel_fns["attention"][0], q)
+    ref = torch.func.jacrev(lambda t: call(t, k, v, "reference"))(q)
+    assert_same_values("jacobian", jac, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runs_are_bitwise_deterministic(backend, dtype, device):
+    """No atomics, fixed reduction orders: two runs give bitwise-equal outputs and gradients."""
+    x, w, b = _pool_inputs(device, dtype)
+    calls = [(lambda a, bb, c, call=call: call(a, bb, c, backend), _inputs(mask, dtype, device))
+             for mask, call in CASES.values()]
+    calls.append((lambda a, bb, c: pk.adaptive_avg_pool_project(a, bb, c, **POOL,
+                                                                 backend=backend), (x, w, b)))
+    calls.append((lambda a: pk.adaptive_avg_pool_tokens(a, **POOL, backend=backend), (x,)))
+    for fn, inputs in calls:
+        grad = None
+        runs = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            out = fn(*leaves)
+            grad = torch.randn_like(out) if grad is None else grad
+            out.backward(grad)
+            runs.append([out] + [t.grad for t in leaves])
+        for a, c in zip(*runs):
+            assert torch.equal(a, c)
