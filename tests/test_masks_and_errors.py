@@ -198,3 +198,14 @@ def test_1d_windows_by_definition(np_, nv):
     owner = mask[:np_].int().argmax(0)
     assert (mask[:np_].sum(0) == 1).all() and (owner.diff() >= 0).all()
     assert set(mask[:np_].sum(1).tolist()) <= {nv // np_, -(-nv // np_)}
+
+
+@pytest.mark.parametrize("name", ["visual_grid", "partial_grid"])
+def test_grid_type_error_names_the_grid(name):
+    """Regression (found by tests/test_fuzz.py): a grid that is not a pair was reported as
+    'grids must be a pair', without saying which."""
+    q, k, v = _qkv(nq=6, nv=12)
+    grids = dict(visual_grid=(3, 4), partial_grid=(2, 2))
+    grids[name] = 8
+    with pytest.raises(TypeError, match=f"^{name} must be a pair"):
+        pk.partial_global_attention(q, k, v, 4, **grids)
