@@ -30,6 +30,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATT = "pargo_kernels/ops/attention_triton.py"
 POOL = "pargo_kernels/ops/pool_triton.py"
+PLAN = "pargo_kernels/ops/attention_plan.py"  # launch plans (engineer attn's restructuring)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class Mutant:
     tests: tuple  # pytest arguments: files and -k selections
     what: str
     expect: str = "kill"
+    # other spellings of the same bug, ``(path, pattern, replacement)``, tried in order when
+    # ``pattern`` is not in ``path`` (e.g. the code as restructured on another branch)
+    alternatives: tuple = ()
+
+    def edits(self):
+        return ((self.path, self.pattern, self.replacement),) + self.alternatives
 
 
 MUTANTS = [
@@ -69,7 +76,9 @@ MUTANTS = [
            "q_lo = tl.maximum(((n0 + 1) * P0 + Nv - 1) // Nv - 1, 0)",
            "q_lo = tl.maximum(((n0 + 1) * P0 + Nv - 1) // Nv, 0)",
            ("tests/test_attention.py", "-k", "np-not-dividing-nv and triton"),
-           "dK/dV inverse window misses the first partial row that sees a key tile"),
+           "dK/dV inverse window misses the first partial row that sees a key tile",
+           alternatives=((PLAN, 'q_lo = np.searchsorted(hi, n0, side="right")',
+                          'q_lo = np.searchsorted(hi, n0, side="right") + 1'),)),
     # --- attention kernels: arithmetic
     Mutant("fwd-no-rescale", ATT,
            "acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)",
@@ -80,7 +89,8 @@ MUTANTS = [
            "(dq * sm_scale).to(DQ.dtype.element_ty)",
            "dq.to(DQ.dtype.element_ty)",
            ("tests/test_attention.py", "-k", "test_custom_scale"),
-           "dQ not multiplied by the softmax scale"),
+           "dQ not multiplied by the softmax scale",
+           alternatives=((ATT, "dq = dq * sm_scale", "dq = dq"),)),
     Mutant("fp32-delta-no-do", ATT,
            "delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)",
            "delta = tl.sum(o.to(tl.float32), 1)",
@@ -90,7 +100,8 @@ MUTANTS = [
            "delta_pass = q.dtype != torch.float32",
            "delta_pass = False",
            ("tests/test_attention_accuracy.py", "-k", "sharp"),
-           "16-bit delta from the rounded output instead of rowsum(P * dP)"),
+           "16-bit delta from the rounded output instead of rowsum(P * dP)",
+           alternatives=((PLAN, "delta_pass = p.dtype != torch.float32", "delta_pass = False"),)),
     Mutant("lse-natural-log", ATT,
            'float("inf"), m_i + tl.log2(l_safe))',
            'float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)',
@@ -167,16 +178,20 @@ _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pyca
 
 
 def apply(mutant: Mutant, root: str) -> None:
-    path = os.path.join(root, mutant.path)
-    with open(path) as f:
-        text = f.read()
-    count = text.count(mutant.pattern)
-    if count != 1:
-        print(f"mutant {mutant.id}: pattern found {count} times in {mutant.path} (expected once); "
-              f"update the mutant to the source:\n  {mutant.pattern}", file=sys.stderr)
-        sys.exit(2)
-    with open(path, "w") as f:
-        f.write(text.replace(mutant.pattern, mutant.replacement))
+    """Apply the first spelling of ``mutant`` whose pattern occurs exactly once; exit 2 if none."""
+    for rel, pattern, replacement in mutant.edits():
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        if text.count(pattern) == 1:
+            with open(path, "w") as f:
+                f.write(text.replace(pattern, replacement))
+            return
+    print(f"mutant {mutant.id}: no pattern occurs exactly once (stale mutant: update it to the "
+          f"source): {[(rel, pattern) for rel, pattern, _ in mutant.edits()]}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
@@ -217,10 +232,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown mutant ids {unknown}; --list shows them")
     chosen = [known[i] for i in args.ids] if args.ids else MUTANTS
-    with tempfile.TemporaryDirectory() as tmp:  # every pattern checked before anything runs
-        for m in chosen:
-            os.makedirs(os.path.dirname(os.path.join(tmp, m.path)), exist_ok=True)
-            shutil.copy(os.path.join(ROOT, m.path), os.path.join(tmp, m.path))
+    for m in chosen:  # every pattern checked before anything runs
+        with tempfile.TemporaryDirectory() as tmp:
+            for rel, _, _ in m.edits():
+                if os.path.exists(os.path.join(ROOT, rel)):
+                    os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                    shutil.copy(os.path.join(ROOT, rel), os.path.join(tmp, rel))
             apply(m, tmp)
     rows, bad = [], 0
     for m in chosen:
