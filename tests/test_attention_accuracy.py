@@ -105,3 +105,27 @@ def test_zero_batch_or_heads(name, bh, backend, device):
     for t in (q, k, v):
         assert t.grad is not None and t.grad.shape == t.shape
 
+
+
+@pytest.mark.parametrize("D", [96, 256])
+@pytest.mark.parametrize("name", ["band-width-1", "one-key"])
+def test_one_key_rows_have_zero_dq_dk_up_to_roundoff(name, D, device):
+    """Regression (found by tests/test_fuzz.py, band N=11 window (0, 0) D=96 fp32): when every
+    row sees one key, the exact dq and dk are 0 and the kernel's are fp32 round-off of the
+    cancellation dP - delta; they stay within the round-off bound of
+    ``test_fuzz.attention_zero_bound`` (and the output and dv match the oracle)."""
+    from test_fuzz import attention_zero_bound
+    if name == "band-width-1":
+        mask, nq, nv = BandMask(11, 0, 0), 11, 11
+    else:
+        mask, nq, nv = PartialGlobalMask(5, 1, 1), 5, 1
+    q, k, v = (torch.randn(3, 1, n, D, device=device) for n in (nq, nv, nv))
+    grad = torch.randn(3, 1, nq, D, device=device)
+    out, (dq, dk, dv) = run_with_grads(lambda a, b, c: _call(mask, a, b, c), (q, k, v), grad)
+    ref, (_, _, ref_dv) = run_with_grads(
+        lambda a, b, c: masked_attention(a, b, c, mask.materialize(device), D ** -0.5),
+        (q, k, v), grad, torch.float64)
+    assert_close("out", out, ref, torch.float32)
+    assert_close("dv", dv, ref_dv, torch.float32)
+    bound = attention_zero_bound(q.double(), k.double(), v.double(), grad.double(), D ** -0.5)
+    assert dq.abs().max() <= bound and dk.abs().max() <= bound
