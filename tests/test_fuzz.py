@@ -11,8 +11,22 @@ Invalid inputs: one valid call with exactly one argument broken; the op must rai
 ``ValueError`` / ``TypeError`` whose message names the broken argument (never an internal
 Triton or torch error).
 
-Adding an op (e.g. the fused ParGo self-attention, or a varlen op) = one ``@st.composite`` that
-returns a :class:`Case`, added to ``VALID``; its broken arguments go to ``INVALID``.
+Adding an op = one ``@st.composite`` that returns a :class:`Case`, added to ``VALID``; its
+broken arguments go to ``INVALID``. An attention op with a dense-mask oracle reuses
+:func:`qkv_case` (dtypes, head dims, layouts, packed QKV); e.g. the fused ParGo self-attention::
+
+    @st.composite
+    def pargo_self(draw):
+        n = draw(sizes(1, 70)); np_ = draw(st.integers(0, n)); window = ...
+        mask = ...  # anything with n_query, n_key and materialize(device) -> [Nq, Nv] bool
+        def run(q, k, v, scale, backend):
+            return pk.pargo_self_attention(q, k, v, np_, window=window, scale=scale,
+                                           backend=backend)
+        return draw(qkv_case(f"pargo_self N={n} Np={np_} window={window}", mask, run,
+                             draw(_scales()), allow_packed_qkv=True))
+
+A varlen op builds its own :class:`Case`: leaves ``[total, H, D]``, ``views`` adding
+``cu_seqlens``, and an oracle that runs the fixed-shape reference sequence by sequence.
 
 Budget: ``PARGO_FUZZ_EXAMPLES`` examples per strategy (default 12, CI); e.g.
 ``PARGO_FUZZ_EXAMPLES=500 nice -n 10 python -m pytest -q tests/test_fuzz.py`` for a long local
