@@ -164,9 +164,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const FwdArgs a) 
         store_pair(o_row + col * a.so.d, a.so.d, acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv,
                    a.pair_out);
       }
-      // all scores -inf (only through -inf inputs): output 0 as SDPA, LSE +inf so that the
-      // backward's P = exp2(S - LSE) is 0 (zero gradients, as SDPA) instead of NaN
-      if (t == 0) a.lse[bh * m.nq + row[r]] = l == 0.0f ? INFINITY : m_i[r] + log2f(l_safe);
+      if (t == 0) a.lse[bh * m.nq + row[r]] = m_i[r] + log2f(l_safe);
     }
   }
 }

@@ -60,6 +60,10 @@ def _fwd_fake(q, k, v, kind, params, scale, backend):
 @torch.library.custom_op("pargo::masked_attention_bwd", mutates_args=())
 def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kind: int,
             params: list[int], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    # A row whose scores are all -inf (only reachable with -inf in the inputs) has LSE = -inf, its
+    # logsumexp; the kernels' P = 2^(S - LSE) would be NaN there. +inf makes P = 0: zero
+    # gradients, as F.scaled_dot_product_attention gives (its forward output is 0 already).
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     if backend == "triton":
         return _triton().attention_backward(dout, q, k, v, out, lse, kind, params, scale)
     if backend == "cuda":

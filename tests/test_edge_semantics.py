@@ -105,15 +105,16 @@ def _check_minus_inf_rows(case, backend, dtype, device, D=16):
     assert_same_values("dk", dk, ref_dk, dtype)
 
 
-def test_saved_lse_of_an_all_minus_inf_row_is_plus_inf(device):
-    """The forward saves LSE = +inf for such a row (so the backward's P = 2^(S - LSE) is 0)."""
+def test_saved_lse_of_an_all_minus_inf_row_is_its_logsumexp(device):
+    """The forward saves LSE = -inf for such a row (its logsumexp); the backward maps it to +inf
+    so that its P = 2^(S - LSE) is 0 (checked by the gradient test above)."""
     mask = CASES["pg1d"][0]
     q, k, v = _inputs(mask, torch.float32, device)
     k[..., 0] = k[..., 0].abs() + 0.5
     q[:, :, 2, 0] = float("-inf")
     _, lse = torch.ops.pargo.masked_attention_fwd(q, k, v, mask.kind, list(mask.params), 0.25,
                                                   "triton")
-    assert torch.isposinf(lse[:, :, 2]).all() and torch.isfinite(lse[:, :, 3:]).all()
+    assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(lse[:, :, 3:]).all()
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,15 +159,11 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
 
-    # A row whose scores are all -inf (reachable only through -inf in the inputs) has l_i = 0:
-    # its output is 0, as F.scaled_dot_product_attention gives, and its LSE is +inf, so that the
-    # backward's P = exp2(S - LSE) is 0 there (zero gradients, as SDPA) rather than NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod,
              o.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
-    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
-    tl.store(LSE + bh * Nq + rows, lse, mask=valid)
+    tl.store(LSE + bh * Nq + rows, m_i + tl.log2(l_safe), mask=valid)
 
 
 # --------------------------------------------------------------------------------------------
