@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _cuda
+from ._transforms import autocast_like_sdpa, no_double_backward, refuse_functorch, register_autocast
 from ._validate import check_int, check_same, check_scale, check_tensor
 from .masks import BandMask, PartialGlobalMask
 from .reference import masked_attention
@@ -59,6 +60,10 @@ def _fwd_fake(q, k, v, kind, params, scale, backend):
 @torch.library.custom_op("pargo::masked_attention_bwd", mutates_args=())
 def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kind: int,
             params: list[int], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    # A row whose scores are all -inf (only reachable with -inf in the inputs) has LSE = -inf, its
+    # logsumexp; the kernels' P = 2^(S - LSE) would be NaN there. +inf makes P = 0: zero
+    # gradients, as F.scaled_dot_product_attention gives (its forward output is 0 already).
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     if backend == "triton":
         return _triton().attention_backward(dout, q, k, v, out, lse, kind, params, scale)
     if backend == "cuda":
@@ -87,6 +92,8 @@ def _backward(ctx, dout, _dlse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward(_bwd_op, "partial_global_attention / band_attention")
+register_autocast(torch.ops.pargo.masked_attention_fwd.default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +152,7 @@ def _run(op: str, q: Tensor, k: Tensor, v: Tensor, mask, scale: float, backend: 
         preference=_AUTO_PREFERENCE_CUDA_TENSORS if q.is_cuda else ("reference",))
     if chosen == "reference":
         return masked_attention(q, k, v, mask.materialize(q.device), scale)
+    refuse_functorch(op, chosen)
     out, _ = _fwd_op(q, k, v, mask.kind, list(mask.params), scale, chosen)
     return out
 
@@ -169,6 +177,7 @@ def _check_qkv(q, k, v) -> None:
 # --------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------
+@autocast_like_sdpa("q", "k", "v")
 def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
                              scale: Optional[float] = None,
                              visual_grid: Optional[Sequence[int]] = None,
@@ -204,12 +213,13 @@ def partial_global_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int, *,
     accumulation are fp32; fp32 inputs are computed in true fp32 (no TF32).
     """
     _check_qkv(q, k, v)
-    mask = PartialGlobalMask(q.shape[2], k.shape[2], n_partial, _grid(visual_grid),
-                             _grid(partial_grid))
+    mask = PartialGlobalMask(q.shape[2], k.shape[2], n_partial, _grid("visual_grid", visual_grid),
+                             _grid("partial_grid", partial_grid))
     scale = check_scale(scale, q.shape[3])
     return _run("partial_global_attention", q, k, v, mask, scale, backend)
 
 
+@autocast_like_sdpa("q", "k", "v")
 def band_attention(q: Tensor, k: Tensor, v: Tensor, window: Sequence[int], *,
                    scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Banded self-attention (ParGo's Cascaded Partial Perception, DESIGN.md §2).
@@ -272,12 +282,12 @@ def cascade_windows(n_partial: int, n_layers: int, mode: str = "causal") -> list
     return windows
 
 
-def _grid(grid):
+def _grid(name, grid):
     if grid is None:
         return None
     if isinstance(grid, (tuple, list)):
         return tuple(grid)
-    raise TypeError(f"grids must be a pair (rows, cols) of ints, got {grid!r}")
+    raise TypeError(f"{name} must be a pair (rows, cols) of ints, got {grid!r}")
 
 
 __all__ = ["partial_global_attention", "band_attention", "cascade_windows"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _cuda
+from ._transforms import autocast_like_sdpa, no_double_backward, refuse_functorch, register_autocast
 from ._validate import check_grid, check_same, check_tensor
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -143,6 +144,9 @@ def _proj_backward(ctx, dy):
 
 
 _proj_fwd_op.register_autograd(_proj_backward, setup_context=_proj_setup_context)
+no_double_backward(_pool_bwd_op, "adaptive_avg_pool_tokens")
+no_double_backward(_proj_bwd_op, "adaptive_avg_pool_project")
+register_autocast(torch.ops.pargo.pool_project_fwd.default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,12 +173,14 @@ def _cuda_reasons(x: Tensor) -> list[str]:
 
 
 def _choose(op: str, x: Tensor, backend: str, cuda_reasons, fused: bool = False) -> str:
-    return _backend.resolve(
+    chosen = _backend.resolve(
         op, backend,
         reasons={"cuda": cuda_reasons,
                  "triton": lambda: _triton_reasons(x, fused),
                  "reference": lambda: []},
         preference=("cuda", "triton", "reference") if x.is_cuda else ("reference",))
+    refuse_functorch(op, chosen)
+    return chosen
 
 
 def _check_x(x, in_grid, out_grid) -> tuple[list[int], list[int]]:
@@ -219,6 +225,7 @@ def adaptive_avg_pool_tokens(x: Tensor, in_grid: Sequence[int], out_grid: Sequen
     return _pool_fwd_op(x, in_grid, out_grid, chosen)
 
 
+@autocast_like_sdpa("x", "weight", "bias")  # as F.linear; the pooling alone is not cast
 def adaptive_avg_pool_project(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                               in_grid: Sequence[int], out_grid: Sequence[int],
                               backend: str = "auto", fused: Optional[bool] = None) -> Tensor:

@@ -14,12 +14,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked to -inf where ``mask`` is False) v; ``mask`` [Nq, Nv] bool.
 
-    Every row of ``mask`` must allow at least one key (the masks of this package guarantee it).
+    Every row of ``mask`` allows at least one key (the masks of this package guarantee it); a row
+    whose allowed scores are all -inf gives 0, as ``F.scaled_dot_product_attention`` does.
     """
     compute = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    # SDPA's softmax (aten::_safe_softmax): a row whose scores are all -inf (only reachable with
+    # -inf in the inputs) gets probabilities 0 rather than NaN, and zero gradients. The row is
+    # zeroed before the softmax as well, so that its backward does not multiply by NaN.
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return torch.matmul(p, v.to(compute)).to(q.dtype)
 
 

@@ -183,3 +183,29 @@ def test_auto_does_not_prefer_cuda_until_measured():
     from pargo_kernels import attention
     pref = attention._AUTO_PREFERENCE_CUDA_TENSORS
     assert pref.index("triton") < pref.index("cuda")
+
+
+@pytest.mark.parametrize("np_, nv", [(13, 37), (150, 333), (1, 5), (7, 8), (5, 5), (31, 97)])
+def test_1d_windows_by_definition(np_, nv):
+    """The 1-D mask builder against its definition written as a plain loop (DESIGN.md §1): partial
+    query i sees keys [floor(i*Nv/Np), floor((i+1)*Nv/Np)). Also what the definition implies:
+    the windows tile the keys in order, each of floor(Nv/Np) or ceil(Nv/Np) keys."""
+    mask = PartialGlobalMask(np_ + 3, nv, np_).materialize()
+    for i in range(np_):
+        lo, hi = (i * nv) // np_, ((i + 1) * nv) // np_
+        assert mask[i].tolist() == [lo <= j < hi for j in range(nv)], f"partial query {i}"
+    assert mask[np_:].all()
+    owner = mask[:np_].int().argmax(0)
+    assert (mask[:np_].sum(0) == 1).all() and (owner.diff() >= 0).all()
+    assert set(mask[:np_].sum(1).tolist()) <= {nv // np_, -(-nv // np_)}
+
+
+@pytest.mark.parametrize("name", ["visual_grid", "partial_grid"])
+def test_grid_type_error_names_the_grid(name):
+    """Regression (found by tests/test_fuzz.py): a grid that is not a pair was reported as
+    'grids must be a pair', without saying which."""
+    q, k, v = _qkv(nq=6, nv=12)
+    grids = dict(visual_grid=(3, 4), partial_grid=(2, 2))
+    grids[name] = 8
+    with pytest.raises(TypeError, match=f"^{name} must be a pair"):
+        pk.partial_global_attention(q, k, v, 4, **grids)
