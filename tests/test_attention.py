@@ -4,6 +4,8 @@ The "triton" backend runs the real kernels (under the Triton interpreter on a CP
 on the GPU otherwise); the "reference" backend is the dense-mask eager path. Every case draws
 fresh random inputs; outputs are allocated NaN-filled so an unwritten element fails.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -146,8 +148,11 @@ def test_unwritten_output_is_caught(device, monkeypatch):
     """If the kernel skipped rows, the NaN poison would surface: simulate it by shrinking the grid."""
     q, k, v = (randn((1, 1, n, 16), torch.float32, device, requires_grad=False)
                for n in (20, 37, 37))
-    real = attention_triton.num_query_tiles
-    monkeypatch.setattr(attention_triton, "num_query_tiles", lambda *a: real(*a) - 1)
+    real = attention_triton.plan.forward_plan
+
+    def one_tile_short(*a, **kw):
+        return [dataclasses.replace(la, table=la.table[:-1]) for la in real(*a, **kw)]
+    monkeypatch.setattr(attention_triton.plan, "forward_plan", one_tile_short)
     out = pk.partial_global_attention(q, k, v, 13, backend="triton")
     assert torch.isnan(out).any()
     ref = masked_attention(q, k, v, PartialGlobalMask(20, 37, 13).materialize(device), 0.25)

@@ -4,7 +4,8 @@ One family of kernels serves every mask of :mod:`pargo_kernels.masks`. The mask 
 as ``KIND`` (a constexpr: 1-D partial-global, 2-D partial-global or band) and five int scalars
 ``P0..P4`` that are never specialised on, so a new window costs no recompilation. From these
 scalars each kernel derives, per query row, the half-open key interval ``[lo, hi)`` (plus a
-column interval ``[x0, x1)`` for 2-D windows), and per tile the range of tiles it must visit:
+column interval ``[x0, x1)`` for 2-D windows). The range of tiles each program visits comes from
+the launch plan (``attention_plan.py``, shared with the work model) as a small int32 table:
 
 * forward / dQ: a query tile visits only the key range its rows' windows cover; partial tiles and
   global tiles are separate programs, so a partial tile never streams all keys;
@@ -21,13 +22,16 @@ import triton
 import triton.language as tl
 
 from ..masks import KIND_BAND, KIND_PG1D, KIND_PG2D
+from . import attention_plan as plan
+from .attention_plan import Problem, block_dims, delta_block_m, tile_config
 
 LOG2E = 1.4426950408889634
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SUPPORTED_DTYPES = tuple(_TL_DTYPE)
 MAX_HEAD_DIM = 256
 
-_NO_SPEC = ["H", "Nq", "Nv", "P0", "P1", "P2", "P3", "P4"]
+_ENTRY = tl.constexpr(plan.ENTRY)
+_NO_SPEC = ["T", "H", "Nq", "Nv", "P0", "P1", "P2", "P3", "P4"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,36 +90,27 @@ def _allowed(cols, lo, hi, x0, x1, P2, KIND: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(pid_m, Nq, P0, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
-    """Query tile ``pid_m``: (first row, end of its row segment, is it a global tile).
-
-    Partial-global masks put partial tiles first (rows ``[0, Np)``), then global tiles
-    (rows ``[Np, Nq)``), so no tile mixes the two kinds. Band masks have one segment.
-    """
-    if KIND == 2:
-        n_seg = Nq
-    else:
-        n_seg = P0
-    n_ptiles = tl.cdiv(n_seg, BLOCK_M)
-    is_global = pid_m >= n_ptiles
-    g = is_global.to(tl.int32)
-    m0 = pid_m * BLOCK_M + g * (n_seg - n_ptiles * BLOCK_M)
-    row_end = n_seg + g * (Nq - n_seg)
-    return m0, row_end, is_global
+def _program():
+    """``(bh, table entry)`` of this program."""
+    return tl.program_id(0).to(tl.int64), tl.program_id(1)
 
 
 @triton.jit
-def _query_program(H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
-    """Prologue of a query-tile program (forward, dQ): its (batch, head), rows, their windows
-    and the key range ``[n_lo, n_hi)`` the tile must visit."""
-    bh = tl.program_id(0).to(tl.int64)
-    m0, row_end, is_global = _query_tile(tl.program_id(1), Nq, P0, BLOCK_M, KIND)
+def _query_program(SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
+    """Prologue of a query-tile program (forward, dQ): its (batch, head), rows, their windows,
+    the key range ``[n_lo, n_hi)`` to visit and its split slot (-1: none), from the plan."""
+    bh, t = _program()
+    e = SCHED + t * _ENTRY
+    m0 = tl.load(e)
+    row_end = tl.load(e + 1)
+    n_lo = tl.load(e + 2)
+    n_hi = tl.load(e + 3)
+    is_global = tl.load(e + 4) != 0
+    slot = tl.load(e + 5)
     rows = m0 + tl.arange(0, BLOCK_M)
     valid = rows < row_end
     lo, hi, x0, x1 = _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND)
-    n_lo = tl.min(tl.where(valid, lo, Nv), 0)
-    n_hi = tl.max(hi, 0)
-    return bh, bh // H, bh % H, rows, valid, lo, hi, x0, x1, n_lo, n_hi
+    return bh, bh // H, bh % H, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,14 +118,14 @@ def _query_program(H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: t
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    SCHED, Q, K, V, O, LSE,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi = _query_program(
-        H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
+    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
+        SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -171,15 +166,15 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["H", "Nq"])
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
+    SCHED, O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[row] = sum_d O[row, d] * dO[row, d]: the softmax-backward row term for fp32 inputs,
     whose O is not rounded (16-bit inputs compute delta in the dQ kernel, see there)."""
-    bh = tl.program_id(0).to(tl.int64)
+    bh, t = _program()
     b = bh // H
     h = bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(SCHED + t * _ENTRY) + tl.arange(0, BLOCK_M)
     dv = tl.arange(0, BLOCK_DV)
     ok = (rows[:, None] < Nq) & (dv[None, :] < DV)
     o = tl.load(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, mask=ok, other=0.0)
@@ -207,7 +202,7 @@ def _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd, lo
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    SCHED, Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale, sm_scale,
@@ -215,8 +210,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
     DELTA_PASS: tl.constexpr,
 ):
-    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi = _query_program(
-        H, Nq, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
+    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
+        SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -287,40 +282,30 @@ def _dkdv_rows(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    SCHED, Q, K, V, DO, LSE, DELTA, DK, DV_,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
+    bh, t = _program()
     b = bh // H
     h = bh % H
-    n0 = tl.program_id(1) * BLOCK_N
+    e = SCHED + t * _ENTRY
+    n0 = tl.load(e)
+    q_lo = tl.load(e + 1)  # first-segment rows whose windows reach this key tile (exact)
+    q_hi = tl.load(e + 2)
+    g_lo = tl.load(e + 3)  # global rows (see every key); empty for a band
+    g_hi = tl.load(e + 4)
     cols = n0 + tl.arange(0, BLOCK_N)
     kv_ok = cols < Nv
-    n_last = tl.minimum(n0 + BLOCK_N, Nv) - 1
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + d[None, :] * skd,
                 mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
     v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dv[None, :] * svd,
                 mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-
-    # Query rows of the first segment (partial queries, or all rows of a band) that can see a
-    # key in [n0, n_last]: the inverse of _row_windows, conservative by at most a tile.
-    if KIND == 2:
-        q_lo = tl.maximum(n0 - P1, 0)
-        q_hi = tl.minimum(n_last + P0 + 1, Nq)
-    elif KIND == 0:
-        q_lo = tl.maximum(((n0 + 1) * P0 + Nv - 1) // Nv - 1, 0)
-        q_hi = tl.minimum(((n_last + 1) * P0 + Nv - 1) // Nv, P0)
-    else:
-        r_lo = ((n0 // P2) * P3) // P1
-        r_hi = tl.minimum(((n_last // P2 + 1) * P3 + P1 - 1) // P1, P3)
-        q_lo = r_lo * P4
-        q_hi = r_hi * P4
 
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
@@ -332,7 +317,7 @@ def _attn_bwd_dkdv_kernel(
                             delta_base, sqm, sqd, sdom, sdod, Nv, P0, P1, P2, P3, P4, qk_scale,
                             D, DV, KIND, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
     if KIND != 2:  # every global query sees every key
-        dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, P0, Nq, True, q_base, do_base, lse_base,
+        dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, g_lo, g_hi, True, q_base, do_base, lse_base,
                                 delta_base, sqm, sqd, sdom, sdod, Nv, P0, P1, P2, P3, P4,
                                 qk_scale, D, DV, KIND, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
 
@@ -343,59 +328,13 @@ def _attn_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# launch configurations (one table, used by the launchers and by `python -m pargo_kernels.aot`)
+# launch helpers (tile configs, grids and loop bounds: attention_plan.py)
 # --------------------------------------------------------------------------------------------
-def block_dims(d: int, dv: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, input class and padded head dim. Chosen
-# as the largest tiles that compile without a register spill on sm_80 and sm_90 (checked by
-# `python -m pargo_kernels.aot`). fp32 inputs run exact-fp32 FMA dots, which need small tiles;
-# dK/dV keeps BLOCK_N keys resident while BLOCK_M queries stream past.
-_CONFIGS = {
-    "fwd": {
-        "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2),
-                  256: (64, 32, 8, 1)},
-        "fp32": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 32, 8, 1),
-                 256: (16, 32, 8, 1)},
-    },
-    "dq": {
-        "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2),
-                  256: (32, 32, 8, 1)},
-        "fp32": {16: (32, 32, 8, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1),
-                 256: (16, 32, 8, 1)},
-    },
-    "dkdv": {
-        "16bit": {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 1),
-                  256: (16, 32, 8, 1)},
-        "fp32": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 32, 8, 1),
-                 256: (16, 16, 8, 1)},
-    },
-}
-
-
-def tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Launch configuration of ``kernel`` ("fwd", "dq", "dkdv") for a padded head dim."""
-    m, n, warps, stages = _CONFIGS[kernel]["fp32" if dtype == torch.float32 else "16bit"][block_d]
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
-
-
-def delta_block_m(block_dv: int) -> int:
-    return max(16, min(128, 4096 // block_dv))
-
-
 def _precision(dtype: torch.dtype, interpret: bool = False) -> str:
     # fp32 inputs are computed exactly in fp32 (no silent TF32); 16-bit inputs use tensor cores.
     if interpret and dtype == torch.bfloat16:
         return "interpret"
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def num_query_tiles(kind: int, nq: int, n_partial: int, block_m: int) -> int:
-    if kind == KIND_BAND:
-        return triton.cdiv(nq, block_m)
-    return triton.cdiv(n_partial, block_m) + triton.cdiv(nq - n_partial, block_m)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -416,6 +355,30 @@ def _mask_scalars(kind: int, params) -> dict:
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+def problem(q, k, v, kind: int, params) -> Problem:
+    B, H, Nq, D = q.shape
+    return Problem(B, H, Nq, k.shape[2], D, v.shape[3], q.dtype, int(kind),
+                   tuple(int(x) for x in params))
+
+
+_TABLES: dict = {}
+
+
+def _table(launch: plan.Launch, device) -> torch.Tensor:
+    """The launch's per-program table on ``device`` (cached: one host-to-device copy per plan)."""
+    key = (launch.table.tobytes(), str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        if len(_TABLES) > 512:
+            _TABLES.clear()
+        t = _TABLES[key] = torch.from_numpy(launch.table.astype("int32")).to(device)
+    return t
+
+
+def _launch(kernel, launch: plan.Launch, *args, **kwargs):
+    kernel[launch.grid](_table(launch, args[0].device), *args, **launch.cfg, **kwargs)
+
+
 def attention_forward(q, k, v, kind: int, params, scale: float):
     """Returns ``(out [B, H, Nq, Dv] contiguous, lse [B, H, Nq] float32, base-2)``."""
     B, H, Nq, D = q.shape
@@ -425,12 +388,11 @@ def attention_forward(q, k, v, kind: int, params, scale: float):
     if B * H == 0:
         return out, lse
     block_d, block_dv = block_dims(D, DV)
-    cfg = tile_config("fwd", max(block_d, block_dv), q.dtype)
-    grid = (B * H, num_query_tiles(kind, Nq, params[0], cfg["BLOCK_M"]))
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, Nq, Nv, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PRECISION=_precision(q.dtype, q.device.type == "cpu"), **_mask_scalars(kind, params), **cfg)
+    (fwd,) = plan.forward_plan(problem(q, k, v, kind, params))
+    _launch(_attn_fwd_kernel, fwd,
+            q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            H, Nq, Nv, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            PRECISION=_precision(q.dtype, q.device.type == "cpu"), **_mask_scalars(kind, params))
     return out, lse
 
 
@@ -444,26 +406,22 @@ def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float):
     if B * H == 0:
         return dq, dk, dv
     block_d, block_dv = block_dims(D, DV)
+    launches = {la.name: la for la in plan.backward_plan(problem(q, k, v, kind, params))}
     # delta: written by the delta kernel (fp32) or the dQ kernel's first pass (16-bit), read by
     # the dK/dV kernel (same stream, so ordered)
     delta = _empty((B, H, Nq), torch.float32, q.device)
-    delta_pass = q.dtype != torch.float32
-    if not delta_pass:
-        block_m = delta_block_m(block_dv)
-        _attn_bwd_delta_kernel[(B * H, triton.cdiv(Nq, block_m))](
-            out, do, delta, *_strides(out), *_strides(do), H, Nq, DV=DV, BLOCK_M=block_m,
-            BLOCK_DV=block_dv)
-    mask_args = _mask_scalars(kind, params)
+    if "delta" in launches:
+        _launch(_attn_bwd_delta_kernel, launches["delta"],
+                out, do, delta, *_strides(out), *_strides(do), H, Nq, DV=DV, BLOCK_DV=block_dv)
     common = dict(qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_D=block_d,
-                  BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"), **mask_args)
-    cfg = tile_config("dq", max(block_d, block_dv), q.dtype)
-    _attn_bwd_dq_kernel[(B * H, num_query_tiles(kind, Nq, params[0], cfg["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), H, Nq, Nv, DELTA_PASS=delta_pass, **common, **cfg)
-    cfg = tile_config("dkdv", max(block_d, block_dv), q.dtype)
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(Nv, cfg["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), H, Nq, Nv, **common, **cfg)
+                  BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"),
+                  **_mask_scalars(kind, params))
+    _launch(_attn_bwd_dq_kernel, launches["dq"],
+            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            *_strides(dq), H, Nq, Nv, DELTA_PASS=launches["dq"].extra["delta_pass"], **common)
+    _launch(_attn_bwd_dkdv_kernel, launches["dkdv"],
+            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(do), *_strides(dk), *_strides(dv), H, Nq, Nv, **common)
     return dq, dk, dv
 
 
@@ -474,7 +432,8 @@ def aot_specs():
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
     launchers can make: each mask kind x dtype x head-dim bucket."""
     for dtype, ty in _TL_DTYPE.items():
-        ptrs = dict(Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32", DELTA="fp32")
+        ptrs = dict(SCHED="i32", Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32",
+                    DELTA="fp32")
         for block_d in (16, 32, 64, 128, 256):
             if dtype == torch.float32:
                 yield (_attn_bwd_delta_kernel, ptrs,
