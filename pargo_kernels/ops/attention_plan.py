@@ -120,13 +120,13 @@ class Launch:
         return len(self.table)
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return (self.heads, self.tiles)
+    def grid(self) -> tuple[int]:
+        return (check_grid(self.name, self.heads, self.tiles),)
 
     def programs(self):
-        """``(bh, entry)`` of every program in launch order (grid axis 0 fastest)."""
-        for t in range(self.tiles):
-            for bh in range(self.heads):
+        """``(bh, entry)`` of every program in launch order (``program_coords`` of 0, 1, ...)."""
+        for bh in range(self.heads):
+            for t in range(self.tiles):
                 yield bh, t
 
 

@@ -90,16 +90,18 @@ def _allowed(cols, lo, hi, x0, x1, P2, KIND: tl.constexpr):
 
 
 @triton.jit
-def _program():
-    """``(bh, table entry)`` of this program."""
-    return tl.program_id(0).to(tl.int64), tl.program_id(1)
+def _program(T):
+    """``(bh, table entry)`` of this program: 1-D grid, the ``T`` entries of a head adjacent in
+    launch order (``attention_plan.program_coords``), so a head's K/V stay in L2."""
+    pid = tl.program_id(0)
+    return (pid // T).to(tl.int64), pid % T
 
 
 @triton.jit
-def _query_program(SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
+def _query_program(SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
     """Prologue of a query-tile program (forward, dQ): its (batch, head), rows, their windows,
     the key range ``[n_lo, n_hi)`` to visit and its split slot (-1: none), from the plan."""
-    bh, t = _program()
+    bh, t = _program(T)
     e = SCHED + t * _ENTRY
     m0 = tl.load(e)
     row_end = tl.load(e + 1)
@@ -118,18 +120,18 @@ def _query_program(SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_fwd_kernel(
-    SCHED, Q, K, V, O, LSE,
+    SCHED, T, Q, K, V, O, LSE,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
-        SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
+        SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqm + d[None, :] * sqd,
                 mask=valid[:, None] & (d[None, :] < D), other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -140,7 +142,7 @@ def _attn_fwd_kernel(
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_ok = cols < n_hi
-        kt = tl.load(k_base + cols[None, :] * skn + d[:, None] * skd,
+        kt = tl.load(k_base + cols.to(tl.int64)[None, :] * skn + d[:, None] * skd,
                      mask=kv_ok[None, :] & (d[:, None] < D), other=0.0)
         s = _dot(q, kt, PRECISION) * qk_scale
         s = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), s, float("-inf"))
@@ -149,14 +151,14 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + dv[None, :] * svd,
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * svn + dv[None, :] * svd,
                     mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod,
+    tl.store(O + b * sob + h * soh + rows.to(tl.int64)[:, None] * som + dv[None, :] * sod,
              o.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
     tl.store(LSE + bh * Nq + rows, m_i + tl.log2(l_safe), mask=valid)
 
@@ -164,21 +166,21 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["H", "Nq"])
+@triton.jit(do_not_specialize=["T", "H", "Nq"])
 def _attn_bwd_delta_kernel(
-    SCHED, O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
+    SCHED, T, O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Nq,
     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[row] = sum_d O[row, d] * dO[row, d]: the softmax-backward row term for fp32 inputs,
     whose O is not rounded (16-bit inputs compute delta in the dQ kernel, see there)."""
-    bh, t = _program()
+    bh, t = _program(T)
     b = bh // H
     h = bh % H
     rows = tl.load(SCHED + t * _ENTRY) + tl.arange(0, BLOCK_M)
     dv = tl.arange(0, BLOCK_DV)
     ok = (rows[:, None] < Nq) & (dv[None, :] < DV)
-    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, mask=ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod, mask=ok,
+    o = tl.load(O + b * sob + h * soh + rows.to(tl.int64)[:, None] * som + dv[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows.to(tl.int64)[:, None] * sdom + dv[None, :] * sdod, mask=ok,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * Nq + rows, delta, mask=rows < Nq)
@@ -191,9 +193,9 @@ def _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd, lo
     """One key tile of the dQ kernel: ``(K tile, P = exp2(S - lse) masked, dP = dO V^T)``."""
     cols = n0 + tl.arange(0, BLOCK_N)
     kv_ok = cols < n_hi
-    k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
+    k = tl.load(k_base + cols.to(tl.int64)[:, None] * skn + d[None, :] * skd,
                 mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
-    vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
+    vt = tl.load(v_base + cols.to(tl.int64)[None, :] * svn + dv[:, None] * svd,
                  mask=kv_ok[None, :] & (dv[:, None] < DV), other=0.0)
     s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     p = tl.where(_allowed(cols, lo, hi, x0, x1, P2, KIND), tl.exp2(s - lse[:, None]), 0.0)
@@ -202,7 +204,7 @@ def _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd, lo
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
-    SCHED, Q, K, V, DO, LSE, DELTA, DQ,
+    SCHED, T, Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale, sm_scale,
@@ -211,13 +213,13 @@ def _attn_bwd_dq_kernel(
     DELTA_PASS: tl.constexpr,
 ):
     bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
-        SCHED, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
+        SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqm + d[None, :] * sqd,
                 mask=valid[:, None] & (d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
+    do = tl.load(DO + b * sdob + h * sdoh + rows.to(tl.int64)[:, None] * sdom + dv[None, :] * sdod,
                  mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + bh * Nq + rows, mask=valid, other=0.0)
     k_base = K + b * skb + h * skh
@@ -246,7 +248,7 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
 
-    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + d[None, :] * sdqd,
+    tl.store(DQ + b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqm + d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
 
 
@@ -265,9 +267,9 @@ def _dkdv_rows(
         rows = m0 + tl.arange(0, BLOCK_M)
         valid = rows < q_hi
         lo, hi, x0, x1 = _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND)
-        q = tl.load(q_base + rows[:, None] * sqm + d[None, :] * sqd,
+        q = tl.load(q_base + rows.to(tl.int64)[:, None] * sqm + d[None, :] * sqd,
                     mask=valid[:, None] & (d[None, :] < D), other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdom + dv[None, :] * sdod,
+        do = tl.load(do_base + rows.to(tl.int64)[:, None] * sdom + dv[None, :] * sdod,
                      mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
         lse = tl.load(lse_base + rows, mask=valid, other=0.0)
         delta = tl.load(delta_base + rows, mask=valid, other=0.0)
@@ -282,14 +284,14 @@ def _dkdv_rows(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dkdv_kernel(
-    SCHED, Q, K, V, DO, LSE, DELTA, DK, DV_,
+    SCHED, T, Q, K, V, DO, LSE, DELTA, DK, DV_,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    bh, t = _program()
+    bh, t = _program(T)
     b = bh // H
     h = bh % H
     e = SCHED + t * _ENTRY
@@ -302,9 +304,9 @@ def _attn_bwd_dkdv_kernel(
     kv_ok = cols < Nv
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + d[None, :] * skd,
+    k = tl.load(K + b * skb + h * skh + cols.to(tl.int64)[:, None] * skn + d[None, :] * skd,
                 mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dv[None, :] * svd,
+    v = tl.load(V + b * svb + h * svh + cols.to(tl.int64)[:, None] * svn + dv[None, :] * svd,
                 mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
 
     q_base = Q + b * sqb + h * sqh
@@ -321,9 +323,9 @@ def _attn_bwd_dkdv_kernel(
                                 delta_base, sqm, sqd, sdom, sdod, Nv, P0, P1, P2, P3, P4,
                                 qk_scale, D, DV, KIND, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
 
-    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdkn + d[None, :] * sdkd,
+    tl.store(DK + b * sdkb + h * sdkh + cols.to(tl.int64)[:, None] * sdkn + d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None] & (d[None, :] < D))
-    tl.store(DV_ + b * sdvb + h * sdvh + cols[:, None] * sdvn + dv[None, :] * sdvd,
+    tl.store(DV_ + b * sdvb + h * sdvh + cols.to(tl.int64)[:, None] * sdvn + dv[None, :] * sdvd,
              dv_acc.to(DV_.dtype.element_ty), mask=kv_ok[:, None] & (dv[None, :] < DV))
 
 
@@ -376,7 +378,7 @@ def _table(launch: plan.Launch, device) -> torch.Tensor:
 
 
 def _launch(kernel, launch: plan.Launch, *args, **kwargs):
-    kernel[launch.grid](_table(launch, args[0].device), *args, **launch.cfg, **kwargs)
+    kernel[launch.grid](_table(launch, args[0].device), launch.tiles, *args, **launch.cfg, **kwargs)
 
 
 def attention_forward(q, k, v, kind: int, params, scale: float):
