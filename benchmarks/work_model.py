@@ -220,7 +220,19 @@ def requested_bytes(p: plan.Problem, launch: plan.Launch, resident: int) -> int:
     return total
 
 
+def reduction_bytes(p: plan.Problem, launch: plan.Launch) -> int:
+    """A host-side (torch) reduction over key splits: reads the fp32 partials once, writes the
+    global rows once (modelled as one fused pass; torch runs a few elementwise kernels)."""
+    s, rows, el = launch.extra["slots"], launch.extra["rows"], ELEM[p.dtype]
+    width = {"fwd_merge": (p.Dv * 4 + 4, p.Dv * el + 4), "delta_reduce": (4, 4),
+             "dq_reduce": (p.D * 4, p.D * el)}[launch.name]
+    return launch.heads * rows * (s * width[0] + width[1])
+
+
 def launch_stats(p: plan.Problem, launch: plan.Launch, with_bytes: bool = True) -> dict:
+    if launch.name not in KERNELS:
+        return dict(name=launch.name, programs=0, tiles_per_head=0, cfg={}, flops=0, max_iters=0,
+                    mean_iters=0.0, resident=0, bytes=reduction_bytes(p, launch))
     iters = [entry_iters(launch, e) for e in launch.table]
     stats = dict(name=launch.name, programs=launch.heads * launch.tiles,
                  tiles_per_head=launch.tiles, cfg=dict(launch.cfg), flops=launch_flops(p, launch),
@@ -263,7 +275,8 @@ def attention_row(op: str, case: str, p: plan.Problem, mask, which: str) -> dict
         floor = bh * (2 * el * p.Nq * p.Dv + qkv + 4 * p.Nq + qkv)
     launches = [launch_stats(p, la) for la in pass_launches(p, which)]
     progs = sum(s["programs"] for s in launches)
-    longest = max(launches, key=lambda s: (s["max_iters"], s["programs"]))
+    longest = max((s for s in launches if s["programs"]),
+                  key=lambda s: (s["max_iters"], s["programs"]))
     return dict(op=op, case=case, **{"pass": which}, dtype=str(p.dtype).replace("torch.", ""),
                 shape=dict(B=p.B, H=p.H, Nq=p.Nq, Nv=p.Nv, D=p.D, Dv=p.Dv, kind=p.kind,
                            params=list(p.params)),

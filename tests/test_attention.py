@@ -111,6 +111,35 @@ def test_band_matches_oracle(case, backend, device):
            torch.float32, device, backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["1d", "2d"])
+def test_global_rows_split_over_keys(variant, dtype, device, monkeypatch):
+    """Global tiles split over their keys (flash-decoding style, merged with the log-sum-exp;
+    dQ partials reduced), forward and every gradient: the split threshold is lowered so that
+    these small shapes split, and the plan is checked to have split."""
+    from pargo_kernels.ops import attention_plan as plan
+    splits = []
+    for fn in ("forward_plan", "backward_plan"):
+        real = getattr(plan, fn)
+
+        def lowered(p, _real=real, **kw):
+            launches = _real(p, split_min_iters=1)
+            splits.extend(la.name for la in launches)
+            return launches
+        monkeypatch.setattr(plan, fn, lowered)
+    if variant == "1d":
+        mask = PartialGlobalMask(150, 140, 140)
+    else:
+        mask = PartialGlobalMask(259, 512, 256, (8, 64), (8, 32))
+
+    def op(q, k, v, be):
+        return pk.partial_global_attention(q, k, v, mask.n_partial, visual_grid=mask.visual_grid,
+                                           partial_grid=mask.partial_grid, backend=be)
+    _check(op, mask, 1, 2, 32, 32, dtype, device, "triton")
+    assert "fwd_merge" in splits and "dq_reduce" in splits
+    assert ("dq_delta" in splits) == (dtype != torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["d80-noncontig", "symmetric-cascade"])

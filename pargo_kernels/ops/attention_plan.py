@@ -32,7 +32,7 @@ MAX_GRID = 2**31 - 1  # CUDA grid x limit; the only grid axis the kernels use
 # A global tile is split over its keys when it would run more than twice as many key tiles as
 # the longest partial tile (and at least this many): the split programs then balance the launch
 # (issue 13: video-length key sequences). The launchers take it as a parameter (tests lower it).
-SPLIT_MIN_ITERS = None
+SPLIT_MIN_ITERS = 64
 
 
 def cdiv(a: int, b: int) -> int:
@@ -173,8 +173,8 @@ def query_entries(p: Problem, block_m: int, block_n: int, split_min_iters: int) 
     if p.kind != KIND_BAND and p.Nq > n_seg:
         iters = cdiv(p.Nv, block_n)
         longest = max((cdiv(e[3] - e[2], block_n) for e in seg), default=0)
-        chunk = max(longest, split_min_iters or 0, 1)
-        splits = 1 if split_min_iters is None or iters <= 2 * chunk else cdiv(iters, chunk)
+        chunk = max(longest, split_min_iters, 1)
+        splits = 1 if iters <= 2 * chunk else cdiv(iters, chunk)
         per = cdiv(iters, splits) * block_n
         for m0 in range(n_seg, p.Nq, block_m):
             if splits == 1:
@@ -182,7 +182,7 @@ def query_entries(p: Problem, block_m: int, block_n: int, split_min_iters: int) 
             else:
                 glob += [(m0, p.Nq, s * per, min((s + 1) * per, p.Nv), 1, s)
                          for s in range(cdiv(p.Nv, per))]
-    return np.array(seg + glob, dtype=np.int64).reshape(-1, ENTRY)
+    return np.array(glob + seg, dtype=np.int64).reshape(-1, ENTRY)
 
 
 def key_entries(p: Problem, block_m: int, block_n: int) -> np.ndarray:
@@ -218,12 +218,22 @@ def n_slots(table: np.ndarray) -> int:
 def forward_plan(p: Problem, split_min_iters: int = SPLIT_MIN_ITERS) -> list[Launch]:
     cfg = _cfg("fwd", p)
     table = query_entries(p, cfg["BLOCK_M"], cfg["BLOCK_N"], split_min_iters)
-    return [Launch("fwd", p.heads, cfg, table)]
+    launches = [Launch("fwd", p.heads, cfg, table)]
+    if n_slots(table):  # the key splits' partial outputs, merged with their log-sum-exps
+        launches.append(_reduction("fwd_merge", p, table))
+    return launches
+
+
+def _reduction(name: str, p: Problem, table: np.ndarray) -> Launch:
+    """A host-side (torch) deterministic reduction over the key splits of the global rows."""
+    return Launch(name, p.heads, {}, np.zeros((0, ENTRY), np.int64),
+                  dict(slots=n_slots(table), rows=p.Nq - p.n_seg))
 
 
 @functools.lru_cache(maxsize=256)
 def backward_plan(p: Problem, split_min_iters: int = SPLIT_MIN_ITERS) -> list[Launch]:
-    """In order: [delta (fp32 inputs)], [dq_delta (16-bit with split global tiles)], dq, dkdv."""
+    """In order: [delta (fp32 inputs)], [dq_delta + delta_reduce (16-bit, split global tiles)],
+    dq, [dq_reduce (split global tiles)], dkdv."""
     launches = []
     delta_pass = p.dtype != torch.float32
     if not delta_pass:
@@ -236,8 +246,11 @@ def backward_plan(p: Problem, split_min_iters: int = SPLIT_MIN_ITERS) -> list[La
     table = query_entries(p, cfg["BLOCK_M"], cfg["BLOCK_N"], split_min_iters)
     split = table[table[:, 5] >= 0]
     if delta_pass and len(split):
-        launches.append(Launch("dq_delta", p.heads, cfg, split))
+        launches.append(Launch("dq_delta", p.heads, cfg, split, dict(delta_pass=True)))
+        launches.append(_reduction("delta_reduce", p, table))
     launches.append(Launch("dq", p.heads, cfg, table, dict(delta_pass=delta_pass)))
+    if len(split):
+        launches.append(_reduction("dq_reduce", p, table))
     cfg = _cfg("dkdv", p)
     launches.append(Launch("dkdv", p.heads, cfg, key_entries(p, cfg["BLOCK_M"], cfg["BLOCK_N"])))
     return launches

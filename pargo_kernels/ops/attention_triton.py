@@ -31,7 +31,7 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPE)
 MAX_HEAD_DIM = 256
 
 _ENTRY = tl.constexpr(plan.ENTRY)
-_NO_SPEC = ["T", "H", "Nq", "Nv", "P0", "P1", "P2", "P3", "P4"]
+_NO_SPEC = ["T", "NSPLIT", "H", "Nq", "Nv", "P0", "P1", "P2", "P3", "P4"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +98,12 @@ def _program(T):
 
 
 @triton.jit
+def _split_rows(bh, slot, rows, NSPLIT, Nq, P0):
+    """Row index into a split workspace ``[B*H, NSPLIT, Nq - P0, ...]`` (global rows only)."""
+    return (bh * NSPLIT + slot) * (Nq - P0) + (rows - P0)
+
+
+@triton.jit
 def _query_program(SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
     """Prologue of a query-tile program (forward, dQ): its (batch, head), rows, their windows,
     the key range ``[n_lo, n_hi)`` to visit and its split slot (-1: none), from the plan."""
@@ -120,7 +126,7 @@ def _query_program(SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, K
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_fwd_kernel(
-    SCHED, T, Q, K, V, O, LSE,
+    SCHED, T, Q, K, V, O, LSE, OWS, LWS, NSPLIT,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -158,9 +164,14 @@ def _attn_fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + rows.to(tl.int64)[:, None] * som + dv[None, :] * sod,
-             o.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + bh * Nq + rows, m_i + tl.log2(l_safe), mask=valid)
+    if slot >= 0:  # one key split of a global tile: fp32 partials, merged on the host
+        ws = _split_rows(bh, slot, rows, NSPLIT, Nq, P0)
+        tl.store(OWS + ws[:, None] * DV + dv[None, :], o, mask=valid[:, None] & (dv[None, :] < DV))
+        tl.store(LWS + ws, m_i + tl.log2(l_safe), mask=valid)
+    else:
+        tl.store(O + b * sob + h * soh + rows.to(tl.int64)[:, None] * som + dv[None, :] * sod,
+                 o.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV))
+        tl.store(LSE + bh * Nq + rows, m_i + tl.log2(l_safe), mask=valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,15 +213,34 @@ def _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd, lo
     return k, p, _dot(do, vt, PRECISION)
 
 
+@triton.jit
+def _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi, x0, x1,
+                P2, qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """delta = rowsum(P * dP) over keys [n_lo, n_hi), for 16-bit inputs.
+
+    From the fp32 P and dP this kernel (and the dK/dV kernel) use, not rowsum(dO * O) from the
+    *rounded* O: with a 16-bit O the latter leaves rows of dS that do not sum to zero, an error
+    of ~2^-8 |O| |dO| that dominates dQ and dK when attention is sharp (5-100x PyTorch's eager
+    bf16 error on the projector tests). fp32 inputs keep O unrounded: their delta comes from the
+    delta kernel."""
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
+                            lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
+        delta += tl.sum(p * dp, 1)
+    return delta
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
-    SCHED, T, Q, K, V, DO, LSE, DELTA, DQ,
+    SCHED, T, Q, K, V, DO, LSE, DELTA, DQ, DQWS, DWS, NSPLIT,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-    DELTA_PASS: tl.constexpr,
+    DELTA_PASS: tl.constexpr, DELTA_ONLY: tl.constexpr,
 ):
     bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
         SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
@@ -225,31 +255,39 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    # Pass 1 (DELTA_PASS, 16-bit inputs): delta = rowsum(P * dP) from the fp32 P and dP this
-    # kernel (and the dK/dV kernel) use, not rowsum(dO * O) from the *rounded* O: with a 16-bit O
-    # the latter leaves rows of dS that do not sum to zero, an error of ~2^-8 |O| |dO| that
-    # dominates dQ and dK when attention is sharp (5-100x PyTorch's eager bf16 error on the
-    # projector tests). fp32 inputs keep O unrounded: their delta comes from the delta kernel.
-    if DELTA_PASS:
-        delta = tl.zeros([BLOCK_M], tl.float32)
+    # Pass 1 (DELTA_PASS, 16-bit inputs): delta from the fp32 P and dP (see _delta_pass).
+    # A key split of a global tile (slot >= 0) reads the delta of its rows, reduced beforehand
+    # from the per-split partial sums of the DELTA_ONLY launch, and writes an fp32 dQ partial.
+    if DELTA_ONLY:
+        delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd,
+                            lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_M, BLOCK_N, KIND, PRECISION)
+        tl.store(DWS + _split_rows(bh, slot, rows, NSPLIT, Nq, P0), delta, mask=valid)
+    else:
+        own_delta = (slot < 0) & DELTA_PASS
+        if own_delta:
+            delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn,
+                                svd, lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_M, BLOCK_N, KIND,
+                                PRECISION)
+            tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
+        else:
+            delta = tl.load(DELTA + bh * Nq + rows, mask=valid, other=0.0)
+
+        # Pass 2: dQ.
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
                                 lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
-            delta += tl.sum(p * dp, 1)
-        tl.store(DELTA + bh * Nq + rows, delta, mask=valid)
-    else:
-        delta = tl.load(DELTA + bh * Nq + rows, mask=valid, other=0.0)
-
-    # Pass 2: dQ.
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
-                            lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
-
-    tl.store(DQ + b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqm + d[None, :] * sdqd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+        dq = dq * sm_scale
+        if slot >= 0:
+            ws = _split_rows(bh, slot, rows, NSPLIT, Nq, P0)
+            tl.store(DQWS + ws[:, None] * D + d[None, :], dq,
+                     mask=valid[:, None] & (d[None, :] < D))
+        else:
+            tl.store(DQ + b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqm
+                     + d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+                     mask=valid[:, None] & (d[None, :] < D))
 
 
 @triton.jit
@@ -381,8 +419,27 @@ def _launch(kernel, launch: plan.Launch, *args, **kwargs):
     kernel[launch.grid](_table(launch, args[0].device), launch.tiles, *args, **launch.cfg, **kwargs)
 
 
-def attention_forward(q, k, v, kind: int, params, scale: float):
-    """Returns ``(out [B, H, Nq, Dv] contiguous, lse [B, H, Nq] float32, base-2)``."""
+def _split_workspace(launch: plan.Launch, p: Problem, width: int, device):
+    """fp32 ``[B*H, slots, Ng, width]`` and ``[B*H, slots, Ng]`` for the key splits of global
+    tiles (1-element placeholders when the launch has none)."""
+    slots = plan.n_slots(launch.table)
+    if not slots:
+        return _empty((1,), torch.float32, device), _empty((1,), torch.float32, device), 1
+    ng = p.Nq - p.n_seg
+    return (_empty((p.heads, slots, ng, width), torch.float32, device),
+            _empty((p.heads, slots, ng), torch.float32, device), slots)
+
+
+def _global_rows(t: torch.Tensor, p: Problem) -> torch.Tensor:
+    """The global rows ``[B*H, Ng, ...]`` of a contiguous ``[B, H, Nq, ...]`` tensor (a view)."""
+    return t.view(p.heads, p.Nq, *t.shape[3:])[:, p.n_seg:]
+
+
+def attention_forward(q, k, v, kind: int, params, scale: float, split_min_iters=None):
+    """Returns ``(out [B, H, Nq, Dv] contiguous, lse [B, H, Nq] float32, base-2)``.
+
+    ``split_min_iters``: threshold of the key splits of global tiles (default
+    ``attention_plan.SPLIT_MIN_ITERS``; tests lower it)."""
     B, H, Nq, D = q.shape
     Nv, DV = k.shape[2], v.shape[3]
     out = _empty((B, H, Nq, DV), q.dtype, q.device)
@@ -390,15 +447,31 @@ def attention_forward(q, k, v, kind: int, params, scale: float):
     if B * H == 0:
         return out, lse
     block_d, block_dv = block_dims(D, DV)
-    (fwd,) = plan.forward_plan(problem(q, k, v, kind, params))
-    _launch(_attn_fwd_kernel, fwd,
-            q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            H, Nq, Nv, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            PRECISION=_precision(q.dtype, q.device.type == "cpu"), **_mask_scalars(kind, params))
+    p = problem(q, k, v, kind, params)
+    for la in plan.forward_plan(p, **_split_arg(split_min_iters)):
+        if la.name == "fwd":
+            ows, lws, nsplit = _split_workspace(la, p, DV, q.device)
+            _launch(_attn_fwd_kernel, la,
+                    q, k, v, out, lse, ows, lws, nsplit, *_strides(q), *_strides(k),
+                    *_strides(v), *_strides(out), H, Nq, Nv, qk_scale=scale * LOG2E, D=D, DV=DV,
+                    BLOCK_D=block_d, BLOCK_DV=block_dv,
+                    PRECISION=_precision(q.dtype, q.device.type == "cpu"),
+                    **_mask_scalars(kind, params))
+        else:  # fwd_merge: combine the key splits with their log-sum-exps (fixed order)
+            m = lws.amax(1, keepdim=True)
+            w = torch.exp2(lws - m)
+            denom = w.sum(1)
+            _global_rows(out, p).copy_((ows * (w / denom[:, None])[..., None]).sum(1))
+            _global_rows(lse, p).copy_(m[:, 0] + torch.log2(denom))
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float):
+def _split_arg(split_min_iters):
+    return {} if split_min_iters is None else dict(split_min_iters=split_min_iters)
+
+
+def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float,
+                       split_min_iters=None):
     """Returns ``(dq, dk, dv)``, contiguous, in the dtype of the inputs."""
     B, H, Nq, D = q.shape
     Nv, DV = k.shape[2], v.shape[3]
@@ -408,22 +481,33 @@ def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float):
     if B * H == 0:
         return dq, dk, dv
     block_d, block_dv = block_dims(D, DV)
-    launches = {la.name: la for la in plan.backward_plan(problem(q, k, v, kind, params))}
-    # delta: written by the delta kernel (fp32) or the dQ kernel's first pass (16-bit), read by
-    # the dK/dV kernel (same stream, so ordered)
+    p = problem(q, k, v, kind, params)
+    # delta: written by the delta kernel (fp32) or the dQ kernel's first pass (16-bit; the
+    # delta-only launch plus a reduction for split global tiles), read by dQ's split programs
+    # and the dK/dV kernel (same stream, so ordered)
     delta = _empty((B, H, Nq), torch.float32, q.device)
-    if "delta" in launches:
-        _launch(_attn_bwd_delta_kernel, launches["delta"],
-                out, do, delta, *_strides(out), *_strides(do), H, Nq, DV=DV, BLOCK_DV=block_dv)
     common = dict(qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"),
                   **_mask_scalars(kind, params))
-    _launch(_attn_bwd_dq_kernel, launches["dq"],
-            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dq), H, Nq, Nv, DELTA_PASS=launches["dq"].extra["delta_pass"], **common)
-    _launch(_attn_bwd_dkdv_kernel, launches["dkdv"],
-            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(do), *_strides(dk), *_strides(dv), H, Nq, Nv, **common)
+    qkv_do = (q, k, v, do, lse, delta, dq)
+    for la in plan.backward_plan(p, **_split_arg(split_min_iters)):
+        if la.name == "delta":
+            _launch(_attn_bwd_delta_kernel, la, out, do, delta, *_strides(out), *_strides(do),
+                    H, Nq, DV=DV, BLOCK_DV=block_dv)
+        elif la.name in ("dq_delta", "dq"):
+            dqws, dws, nsplit = _split_workspace(la, p, D, q.device)
+            _launch(_attn_bwd_dq_kernel, la, *qkv_do, dqws, dws, nsplit, *_strides(q),
+                    *_strides(k), *_strides(v), *_strides(do), *_strides(dq), H, Nq, Nv,
+                    DELTA_PASS=la.extra["delta_pass"], DELTA_ONLY=la.name == "dq_delta",
+                    **common)
+        elif la.name == "delta_reduce":
+            _global_rows(delta, p).copy_(dws.sum(1))
+        elif la.name == "dq_reduce":
+            _global_rows(dq, p).copy_(dqws.sum(1))
+        else:
+            _launch(_attn_bwd_dkdv_kernel, la,
+                    q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+                    *_strides(do), *_strides(dk), *_strides(dv), H, Nq, Nv, **common)
     return dq, dk, dv
 
 
@@ -435,7 +519,7 @@ def aot_specs():
     launchers can make: each mask kind x dtype x head-dim bucket."""
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(SCHED="i32", Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32",
-                    DELTA="fp32")
+                    DELTA="fp32", OWS="fp32", LWS="fp32", DQWS="fp32", DWS="fp32")
         for block_d in (16, 32, 64, 128, 256):
             if dtype == torch.float32:
                 yield (_attn_bwd_delta_kernel, ptrs,
@@ -450,6 +534,7 @@ def aot_specs():
                                       BLOCK_DV=block_d, PRECISION=_precision(dtype), **cfg)
                     if which == "dq":
                         constexprs["DELTA_PASS"] = dtype != torch.float32
+                        constexprs["DELTA_ONLY"] = False
                     label = (f"{kname} {ty} d={block_d} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} "
                              f"w={options['num_warps']} s={options['num_stages']}")
                     yield kernel, ptrs, constexprs, options, label
