@@ -25,7 +25,10 @@ program's loop bounds):
   ``mean_iters_per_program``: main-loop trips (key tiles of a query program, both passes of a
   16-bit dQ program, query tiles of a key program) over the programs of the pass's launch with
   the longest program (``iters_launch``; launches run one after another, so balance matters
-  within a launch); every launch's figures are in ``launches``.
+  within a launch); every launch's figures are in ``launches``;
+* ``roofline_us``: max(bytes_requested / 3.0 TB/s, flops_issued / 800 TFLOP/s), DESIGN.md's
+  H100 rates: a lower bound of the model, not a timing; ``what_if``: alternatives priced by
+  the model and not implemented (``what_if()``).
 
 Rows of other ops come from providers (``PROVIDERS``): ``pool`` rows from
 ``benchmarks/work_model_pool.py`` (``pool_rows()``).
@@ -289,13 +292,66 @@ def attention_row(op: str, case: str, p: plan.Problem, mask, which: str) -> dict
                 iters_launch=longest["name"], launches=launches)
 
 
+# H100 rates of DESIGN.md "Floors" (measured there: device copy, dense bf16 matmul), for the
+# model's roofline bound max(bytes / BW, FLOPs / peak); a bound, not a timing.
+HBM_BYTES_PER_S, MMA_FLOPS_PER_S = 3.0e12, 800e12
+
+
+def roofline_us(flops: float, nbytes: float) -> float:
+    return round(1e6 * max(nbytes / HBM_BYTES_PER_S, flops / MMA_FLOPS_PER_S), 2)
+
+
+def what_if(p: plan.Problem, row: dict) -> dict:
+    """Alternatives the model prices but the kernels do not implement (issue 13, part 4).
+
+    * ``delta_from_fp32_global_out`` (backward): the forward also writes the *global* rows of
+      O in fp32 (Ng x Dv x 4 bytes a head) and the backward takes those rows' delta =
+      rowsum(dO * O_fp32) from them, so the dQ programs of global tiles (or the delta-only launch
+      of their key splits) skip the delta pass over all keys; partial rows keep theirs (1-2 key
+      tiles, reused within the program).
+    * ``block_m16`` (forward): 16-row query tiles instead of the configured ones, FLOPs only (the
+      extra K/V loads of the smaller tiles of a head hit L2 in this model).
+    """
+    out = {}
+    launches = pass_launches(p, row["pass"])
+    el = ELEM[p.dtype]
+    ng = p.Nq - p.n_seg
+    if row["pass"] == "bwd" and p.dtype != torch.float32 and p.kind != plan.KIND_BAND and ng:
+        saved_flops, saved_bytes = 0, 0
+        for la, st in zip(launches, row["launches"]):
+            if la.name in ("dq_delta", "delta_reduce"):
+                saved_flops += st["flops"]
+                saved_bytes += st["bytes"]
+            elif la.name == "dq":
+                glob = [e for e in la.table if e[4] and e[5] < 0]
+                n = sum(plan.cdiv(e[3] - e[2], la.cfg["BLOCK_N"]) for e in glob)
+                bd, bdv = _bd(p)
+                saved_flops += la.heads * n * 2 * la.cfg["BLOCK_M"] * la.cfg["BLOCK_N"] * (bd + bdv)
+        added = p.heads * ng * (p.Dv * (4 + el) + 4)  # read O_fp32 and dO rows, write delta
+        fi, br = row["flops_issued"] - saved_flops, row["bytes_requested"] - saved_bytes + added
+        out["delta_from_fp32_global_out"] = dict(
+            flops_issued=fi, bytes_requested=br, fwd_bytes_added=p.heads * ng * p.Dv * 4,
+            roofline_us=roofline_us(fi, br))
+    if row["pass"] == "fwd" and p.kind != plan.KIND_BAND:
+        (la,) = [x for x in launches if x.name == "fwd"]
+        small = plan.Launch("fwd", la.heads, dict(la.cfg, BLOCK_M=16), plan.query_entries(
+            p, 16, la.cfg["BLOCK_N"], plan.SPLIT_MIN_ITERS))
+        fi = launch_flops(p, small)
+        out["block_m16"] = dict(flops_issued=fi, x_ideal=round(fi / row["flops_ideal"], 2),
+                                roofline_us=roofline_us(fi, row["bytes_requested"]))
+    return out
+
+
 def attention_rows(cases=None) -> list[dict]:
     rows = []
     for name, (op, p, mask) in attention_cases().items():
         if cases and name not in cases and not (name.startswith("band") and "band" in cases):
             continue
         for which in ("fwd", "bwd"):
-            rows.append(attention_row(op, name, p, mask, which))
+            row = attention_row(op, name, p, mask, which)
+            row["roofline_us"] = roofline_us(row["flops_issued"], row["bytes_requested"])
+            row["what_if"] = what_if(p, row)
+            rows.append(row)
     return rows
 
 

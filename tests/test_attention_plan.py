@@ -122,3 +122,20 @@ def test_offsets_past_int32(mask, host_is_device):
     assert_close("out", out, ref, dtype)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(name, g, r, dtype)
+
+
+@pytest.mark.parametrize("capability, dtype, refused", [
+    ((7, 5), torch.bfloat16, "bfloat16 attention on sm_75: bfloat16 needs sm_80+"),
+    ((7, 5), torch.float16, "float16 attention on sm_75: Triton has no tensor-core path"),
+    ((7, 5), torch.float32, None),
+    ((7, 0), torch.float32, "checked for sm_75 and newer; this GPU is sm_70"),
+    ((8, 6), torch.bfloat16, None), ((8, 9), torch.float16, None), ((9, 0), torch.bfloat16, None),
+])
+def test_triton_backend_refuses_by_capability(capability, dtype, refused):
+    from pargo_kernels.attention import _triton_reasons
+    q = torch.randn(1, 1, 4, 16).to(dtype)
+    why = _triton_reasons(q, q, q, capability=capability)
+    if refused is None:
+        assert why == []
+    else:
+        assert any(refused in w for w in why), why

@@ -73,6 +73,28 @@ _CONFIGS = {
 }
 
 
+# Oldest GPU the Triton kernels are checked for (`python -m pargo_kernels.aot --arch 75 ...`), and
+# the oldest with the tensor-core path the 16-bit kernels need: Triton 3.6 emits mma.sync for
+# fp16/bf16 tl.dot from sm_80 on; on sm_75 it falls back to FMA dots that spill registers.
+MIN_CAPABILITY = (7, 5)
+MIN_CAPABILITY_16BIT = (8, 0)
+
+
+def arch_refusal(capability: tuple[int, int], dtype: torch.dtype) -> str:
+    """Why the Triton attention kernels refuse ``dtype`` on a GPU of ``capability`` ('' if not)."""
+    name = f"sm_{capability[0]}{capability[1]}"
+    if tuple(capability) < MIN_CAPABILITY:
+        return (f"the Triton attention kernels are built and checked for sm_75 and newer; this "
+                f"GPU is {name}")
+    if dtype != torch.float32 and tuple(capability) < MIN_CAPABILITY_16BIT:
+        dt = str(dtype).replace("torch.", "")
+        why = ("bfloat16 needs sm_80+" if dtype == torch.bfloat16 else
+               "Triton has no tensor-core path for float16 below sm_80 (its FMA fallback "
+               "spills registers)")
+        return f"{dt} attention on {name}: {why}; use float32 inputs or backend='reference'"
+    return ""
+
+
 def tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
     """Launch configuration of ``kernel`` ("fwd", "dq", "dkdv") for a padded head dim."""
     m, n, warps, stages = _CONFIGS[kernel]["fp32" if dtype == torch.float32 else "16bit"][block_d]

@@ -514,10 +514,13 @@ def attention_backward(do, q, k, v, out, lse, kind: int, params, scale: float,
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (read by pargo_kernels.aot)
 # --------------------------------------------------------------------------------------------
-def aot_specs():
+def aot_specs(arch: int = 90):
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
-    launchers can make: each mask kind x dtype x head-dim bucket."""
+    launchers can make on ``sm_<arch>``: each mask kind x dtype x head-dim bucket the dispatcher
+    accepts there (``attention_plan.arch_refusal``)."""
     for dtype, ty in _TL_DTYPE.items():
+        if plan.arch_refusal(divmod(arch, 10), dtype):
+            continue
         ptrs = dict(SCHED="i32", Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32",
                     DELTA="fp32", OWS="fp32", LWS="fp32", DQWS="fp32", DWS="fp32")
         for block_d in (16, 32, 64, 128, 256):
