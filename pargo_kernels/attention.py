@@ -100,7 +100,8 @@ def _triton_reasons(q: Tensor, k: Tensor, v: Tensor, capability=None) -> list[st
         why.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
     elif capability is not None or (q.is_cuda and not why):
         from .ops.attention_plan import arch_refusal  # no triton import needed
-        refusal = arch_refusal(capability or torch.cuda.get_device_capability(q.device), q.dtype)
+        refusal = arch_refusal(capability or torch.cuda.get_device_capability(q.device), q.dtype,
+                               max(q.shape[3], v.shape[3]))
         if refusal:
             why.append(refusal)
     if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:

@@ -130,10 +130,11 @@ def test_offsets_past_int32(mask, host_is_device):
     ((7, 5), torch.float32, None),
     ((7, 0), torch.float32, "checked for sm_75 and newer; this GPU is sm_70"),
     ((8, 6), torch.bfloat16, None), ((8, 9), torch.float16, None), ((9, 0), torch.bfloat16, None),
+    ((7, 5), torch.float32, "head dim 200 on sm_75"),
 ])
 def test_triton_backend_refuses_by_capability(capability, dtype, refused):
     from pargo_kernels.attention import _triton_reasons
-    q = torch.randn(1, 1, 4, 16).to(dtype)
+    q = torch.randn(1, 1, 4, 200 if refused and "head dim" in refused else 128).to(dtype)
     why = _triton_reasons(q, q, q, capability=capability)
     if refused is None:
         assert why == []

@@ -80,12 +80,22 @@ MIN_CAPABILITY = (7, 5)
 MIN_CAPABILITY_16BIT = (8, 0)
 
 
-def arch_refusal(capability: tuple[int, int], dtype: torch.dtype) -> str:
-    """Why the Triton attention kernels refuse ``dtype`` on a GPU of ``capability`` ('' if not)."""
+# Largest head dim per architecture where the tables below fit the shared memory (sm_75: 64 KB
+# a block; the fp32 d=256 dQ and dK/dV tiles need 96 and 65 KB).
+MAX_HEAD_DIM_BY_ARCH = {75: 128}
+
+
+def arch_refusal(capability: tuple[int, int], dtype: torch.dtype, head_dim: int = 0) -> str:
+    """Why the Triton attention kernels refuse ``dtype`` (and a head dim, the larger of D and
+    Dv) on a GPU of ``capability`` ('' if they do not)."""
     name = f"sm_{capability[0]}{capability[1]}"
     if tuple(capability) < MIN_CAPABILITY:
         return (f"the Triton attention kernels are built and checked for sm_75 and newer; this "
                 f"GPU is {name}")
+    limit = MAX_HEAD_DIM_BY_ARCH.get(capability[0] * 10 + capability[1])
+    if limit and head_dim > limit:
+        return (f"head dim {head_dim} on {name}: the kernels' tiles need more than its 64 KB of "
+                f"shared memory above head dim {limit}")
     if dtype != torch.float32 and tuple(capability) < MIN_CAPABILITY_16BIT:
         dt = str(dtype).replace("torch.", "")
         why = ("bfloat16 needs sm_80+" if dtype == torch.bfloat16 else
@@ -95,9 +105,19 @@ def arch_refusal(capability: tuple[int, int], dtype: torch.dtype) -> str:
     return ""
 
 
-def tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Launch configuration of ``kernel`` ("fwd", "dq", "dkdv") for a padded head dim."""
-    m, n, warps, stages = _CONFIGS[kernel]["fp32" if dtype == torch.float32 else "16bit"][block_d]
+# Where the table above spills or exceeds the shared memory on an architecture (found by
+# `python -m pargo_kernels.aot --arch 75 86 89 80 90`): sm_86/89 have 64K registers but 99 KB.
+_SM86 = {("dq", "16bit", 256): (16, 32, 8, 1), ("fwd", "fp32", 256): (16, 16, 8, 1)}
+_ARCH_CONFIGS = {86: _SM86, 89: _SM86}
+DEFAULT_ARCH = 90  # the interpreter and the work model (H100)
+
+
+def tile_config(kernel: str, block_d: int, dtype: torch.dtype, arch: int = DEFAULT_ARCH) -> dict:
+    """Launch configuration of ``kernel`` ("fwd", "dq", "dkdv") for a padded head dim on
+    ``sm_<arch>``."""
+    cls = "fp32" if dtype == torch.float32 else "16bit"
+    m, n, warps, stages = _ARCH_CONFIGS.get(arch, {}).get((kernel, cls, block_d),
+                                                          _CONFIGS[kernel][cls][block_d])
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
@@ -117,6 +137,7 @@ class Problem:
     dtype: torch.dtype
     kind: int
     params: tuple
+    arch: int = DEFAULT_ARCH  # compute capability as major * 10 + minor: picks the tile table
 
     @property
     def heads(self) -> int:
@@ -229,7 +250,7 @@ def key_entries(p: Problem, block_m: int, block_n: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def _cfg(kernel: str, p: Problem) -> dict:
     block_d, block_dv = block_dims(p.D, p.Dv)
-    return tile_config(kernel, max(block_d, block_dv), p.dtype)
+    return tile_config(kernel, max(block_d, block_dv), p.dtype, p.arch)
 
 
 def n_slots(table: np.ndarray) -> int:

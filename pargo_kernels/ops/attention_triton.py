@@ -397,8 +397,12 @@ def _mask_scalars(kind: int, params) -> dict:
 # --------------------------------------------------------------------------------------------
 def problem(q, k, v, kind: int, params) -> Problem:
     B, H, Nq, D = q.shape
+    arch = plan.DEFAULT_ARCH
+    if q.is_cuda:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        arch = major * 10 + minor
     return Problem(B, H, Nq, k.shape[2], D, v.shape[3], q.dtype, int(kind),
-                   tuple(int(x) for x in params))
+                   tuple(int(x) for x in params), arch)
 
 
 _TABLES: dict = {}
@@ -524,6 +528,8 @@ def aot_specs(arch: int = 90):
         ptrs = dict(SCHED="i32", Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32",
                     DELTA="fp32", OWS="fp32", LWS="fp32", DQWS="fp32", DWS="fp32")
         for block_d in (16, 32, 64, 128, 256):
+            if plan.arch_refusal(divmod(arch, 10), dtype, block_d):
+                continue
             if dtype == torch.float32:
                 yield (_attn_bwd_delta_kernel, ptrs,
                        dict(DV=block_d, BLOCK_M=delta_block_m(block_d), BLOCK_DV=block_d),
@@ -531,7 +537,7 @@ def aot_specs(arch: int = 90):
             for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
                 for kernel, which in ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dq_kernel, "dq"),
                                       (_attn_bwd_dkdv_kernel, "dkdv")):
-                    cfg = tile_config(which, block_d, dtype)
+                    cfg = tile_config(which, block_d, dtype, arch)
                     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                     constexprs = dict(D=block_d, DV=block_d, KIND=kind, BLOCK_D=block_d,
                                       BLOCK_DV=block_d, PRECISION=_precision(dtype), **cfg)
