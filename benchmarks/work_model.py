@@ -356,7 +356,12 @@ def attention_rows(cases=None) -> list[dict]:
 
 
 def pool_rows(cases=None) -> list[dict]:
-    from work_model_pool import pool_rows as rows  # written beside this file (pooling ops)
+    """Rows of the pooling ops (``pool``, ``pool_project``) from ``work_model_pool.py``."""
+    try:
+        from work_model_pool import pool_rows as rows  # beside this file (pooling ops)
+    except ImportError as exc:
+        raise SystemExit(f"--ops pool: benchmarks/work_model_pool.py is missing or broken "
+                         f"({exc}); run with --ops attention") from exc
     return rows()
 
 

@@ -49,7 +49,8 @@ def block_dims(d: int, dv: int) -> tuple[int, int]:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, input class and padded head dim. Chosen
 # as the largest tiles that compile without a register spill on sm_80 and sm_90 (checked by
-# `python -m pargo_kernels.aot`). fp32 inputs run exact-fp32 FMA dots, which need small tiles;
+# `python -m pargo_kernels.aot`; d=256 dQ and fp32 dK/dV shrank when the kernels got 64-bit
+# offsets and key splits). fp32 inputs run exact-fp32 FMA dots, which need small tiles;
 # dK/dV keeps BLOCK_N keys resident while BLOCK_M queries stream past.
 _CONFIGS = {
     "fwd": {
@@ -60,7 +61,7 @@ _CONFIGS = {
     },
     "dq": {
         "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2),
-                  256: (32, 32, 8, 1)},
+                  256: (16, 32, 8, 1)},
         "fp32": {16: (32, 32, 8, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (16, 32, 4, 1),
                  256: (16, 32, 8, 1)},
     },
@@ -68,7 +69,7 @@ _CONFIGS = {
         "16bit": {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 1),
                   256: (16, 32, 8, 1)},
         "fp32": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 32, 8, 1),
-                 256: (16, 16, 8, 1)},
+                 256: (16, 16, 4, 1)},
     },
 }
 
@@ -107,7 +108,7 @@ def arch_refusal(capability: tuple[int, int], dtype: torch.dtype, head_dim: int 
 
 # Where the table above spills or exceeds the shared memory on an architecture (found by
 # `python -m pargo_kernels.aot --arch 75 86 89 80 90`): sm_86/89 have 64K registers but 99 KB.
-_SM86 = {("dq", "16bit", 256): (16, 32, 8, 1), ("fwd", "fp32", 256): (16, 16, 8, 1)}
+_SM86 = {("fwd", "fp32", 256): (16, 16, 8, 1)}
 _ARCH_CONFIGS = {86: _SM86, 89: _SM86}
 DEFAULT_ARCH = 90  # the interpreter and the work model (H100)
 
