@@ -9,10 +9,16 @@ the launch plan (``attention_plan.py``, shared with the work model) as a small i
 
 * forward / dQ: a query tile visits only the key range its rows' windows cover; partial tiles and
   global tiles are separate programs, so a partial tile never streams all keys;
+* a global tile whose key loop is long (video-length Nv) is split over its keys across
+  programs (flash-decoding): each writes an fp32 partial output and log-sum-exp (dQ: an fp32
+  partial dQ, after a delta-only launch for 16-bit inputs) to a workspace, reduced on the host
+  in a fixed order (deterministic, no atomics);
 * dK/dV: a key tile visits only the query rows whose windows can contain it (the inverse of the
-  window map), then, for partial-global masks, every global query.
+  window map, exact, computed on the host), then, for partial-global masks, every global query.
 
-Nothing of size ``[Nq, Nv]`` is ever materialised. Softmax runs in base 2 with fp32 statistics;
+Every launch is a 1-D grid with the tiles of one (batch, head) adjacent in launch order, and
+row / key offsets are 64-bit (a packed ``[B, N, 3, H, D]`` view of a long sequence passes 2^31
+elements). Nothing of size ``[Nq, Nv]`` is ever materialised. Softmax runs in base 2 with fp32 statistics;
 the saved log-sum-exp ``LSE`` is in base 2 as well.
 """
 from __future__ import annotations
