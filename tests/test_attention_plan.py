@@ -140,3 +140,13 @@ def test_triton_backend_refuses_by_capability(capability, dtype, refused):
         assert why == []
     else:
         assert any(refused in w for w in why), why
+
+
+def test_tile_table_follows_the_architecture():
+    """The launcher picks tiles by compute capability (tables found by the 5-arch AOT check)."""
+    for arch, warps in ((80, 4), (86, 4), (90, 8)):
+        p = plan.Problem(1, 1, 20, 40, 128, 128, torch.float32, 0, (16, 0, 0, 0, 0), arch)
+        (dkdv,) = [la for la in plan.backward_plan(p) if la.name == "dkdv"]
+        assert dkdv.cfg["num_warps"] == warps
+    assert plan.tile_config("fwd", 256, torch.float32, 86)["BLOCK_N"] == 16
+    assert plan.tile_config("fwd", 256, torch.float32, 90)["BLOCK_N"] == 32
