@@ -107,10 +107,13 @@ def arch_refusal(capability: tuple[int, int], dtype: torch.dtype, head_dim: int 
 
 
 # Where the table above spills or exceeds the shared memory on an architecture (found by
-# `python -m pargo_kernels.aot --arch 75 86 89 80 90`): sm_86/89 have 64K registers but 99 KB.
-_SM8X = {("dkdv", "fp32", 128): (16, 32, 4, 1)}  # 8 warps spill on sm_80 (pg2d); 4 spill on sm_90
-_SM86 = {**_SM8X, ("fwd", "fp32", 256): (16, 16, 8, 1)}
-_ARCH_CONFIGS = {75: _SM8X, 80: _SM8X, 86: _SM86, 89: _SM86}
+# `python -m pargo_kernels.aot --arch 75 86 89 80 90`; sm_86/89 have 99 KB of shared memory).
+# fp32 d=128 dK/dV: 8 warps spill on sm_80 (2-D windows), 4 warps spill on sm_90.
+_DKDV_FP32_128 = {("dkdv", "fp32", 128): (16, 32, 4, 1)}
+_SM80 = {**_DKDV_FP32_128, ("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 64): (32, 32, 8, 1),
+         ("fwd", "fp32", 64): (32, 32, 4, 1)}
+_SM86 = {**_DKDV_FP32_128, ("fwd", "fp32", 256): (16, 16, 8, 1)}
+_ARCH_CONFIGS = {75: _SM80, 80: _SM80, 86: _SM86, 89: _SM86}
 DEFAULT_ARCH = 90  # the interpreter and the work model (H100)
 
 
