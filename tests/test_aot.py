@@ -16,7 +16,7 @@ import sys
 
 ARCHS = [75, 80, 86, 89, 90]
 SUBSET = ["pg1d bf16 d=64 ", "pg2d fp16 d=128", "band bf16 d=256", "pg1d fp32 d=128",
-          "band fp32 d=256", "_attn_bwd_delta_kernel fp32 d=256"]
+          "pg2d fp32 d=64 ", "band fp32 d=256", "_attn_bwd_delta_kernel fp32 d=256"]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
