@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the package ahead of time, without a GPU.
 
-    python -m pargo_kernels.aot [--arch 80 90] [--jobs N] [--filter SUBSTR] [--json FILE]
+    python -m pargo_kernels.aot [--arch 75 80 86 89 90] [--jobs N] [--filter SUBSTR ...] [--json FILE]
 
 For each launch configuration the launchers can choose (``aot_specs()`` of each kernel module)
 and each target architecture, compiles to PTX and cubin with Triton's own toolchain, reads the
@@ -8,8 +8,14 @@ registers, stack frame and spill stores/loads from ``ptxas -v`` (Triton's bundle
 shared memory from the compile metadata, and the tensor-core instructions (``mma`` / ``wgmma``)
 from the PTX.
 
-Exits non-zero on a compile failure, a register spill, or a kernel using ``tl.dot`` on
-16-bit inputs whose PTX has no tensor-core instruction. Must run with ``TRITON_INTERPRET`` unset.
+Exits non-zero on a compile failure, a register spill, shared memory above the architecture's
+per-block limit (``SMEM_LIMIT``), a kernel using ``tl.dot`` on 16-bit inputs whose PTX has no
+tensor-core instruction, or an fp32 configuration whose PTX has one (fp32 is computed exactly:
+a TF32 ``mma`` there is a silent precision loss). Must run with ``TRITON_INTERPRET`` unset.
+
+A module's ``aot_specs(arch)`` yields what its launchers can choose on that architecture (a
+module whose ``aot_specs()`` takes no argument yields the same list for every architecture);
+what a dispatcher refuses on an architecture (e.g. 16-bit attention below sm_80) is not listed.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ from dataclasses import asdict, dataclass
 
 # Modules that define ``aot_specs()``; each new kernel module adds itself here.
 KERNEL_MODULES = ["pargo_kernels.ops.attention_triton", "pargo_kernels.ops.pool_triton"]
+ARCHS = (75, 80, 86, 89, 90)
+# Shared memory a block may use (opt-in maximum), bytes: sm_75 64 KB, sm_86/89 99 KB,
+# sm_80 163 KB, sm_90 227 KB (CUDA C Programming Guide, compute capabilities table).
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 @dataclass
@@ -41,13 +51,16 @@ class Row:
     ok: bool = False
 
 
-def _specs(filter_: str):
+def _specs(filter_: str, arch: int):
     import importlib
+    import inspect
     for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(mod_name)
-        for kernel, pointer_types, constexprs, options, label in mod.aot_specs():
+        per_arch = len(inspect.signature(mod.aot_specs).parameters) > 0
+        for kernel, pointer_types, constexprs, options, label in (
+                mod.aot_specs(arch) if per_arch else mod.aot_specs()):
             name = kernel.fn.__name__
-            if filter_ and filter_ not in f"{name} {label}":
+            if filter_ and not any(f in f"{name} {label}" for f in filter_):
                 continue
             yield mod_name, name, pointer_types, constexprs, options, label
 
@@ -100,7 +113,10 @@ def _compile_one(args) -> Row:
         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         return row
     ptx = compiled.asm["ptx"]
-    found = [ins for ins in ("wgmma", "mma.sync") if re.search(rf"\b{re.escape(ins)}", ptx)]
+    # tensor-core instructions: wgmma (sm_90), mma.sync (sm_80+), any other mma form
+    found = [ins for ins in ("wgmma", "mma.sync", "mma")
+             if re.search(rf"\b{re.escape(ins)}\.", ptx)]
+    found = [f for f in found if f != "mma" or not ({"wgmma", "mma.sync"} & set(found))]
     row.tensor_cores = ",".join(found) or "-"
     row.shared_bytes = int(compiled.metadata.shared)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,9 +141,15 @@ def _compile_one(args) -> Row:
     problems = []
     if row.spill_bytes:
         problems.append(f"register spills ({row.spill_bytes} B stored + loaded)")
+    if row.shared_bytes > SMEM_LIMIT.get(arch, 0):
+        problems.append(f"shared memory {row.shared_bytes} B above the sm_{arch} block limit "
+                        f"{SMEM_LIMIT.get(arch, 0)} B")
     sixteen_bit = any(t in label for t in ("fp16", "bf16"))
     if sixteen_bit and _calls_dot(kernel) and not found:
         problems.append("tl.dot on 16-bit inputs but no tensor-core instruction in the PTX")
+    if "fp32" in label and found:
+        problems.append(f"fp32 configuration uses tensor cores ({','.join(found)}: TF32), "
+                        "not exact fp32")
     row.error = "; ".join(dict.fromkeys(problems))
     row.ok = not problems
     return row
@@ -147,8 +169,12 @@ def _calls_dot(kernel) -> bool:
     return False
 
 
-def run(archs, jobs: int, filter_: str = "") -> list[Row]:
-    work = [(*spec, arch) for spec in _specs(filter_) for arch in archs]
+def run(archs, jobs: int, filter_=()) -> list[Row]:
+    """Compile every spec whose ``"<kernel> <label>"`` contains one of ``filter_`` (all if
+    empty) for each of ``archs``."""
+    if isinstance(filter_, str):
+        filter_ = [filter_] if filter_ else []
+    work = [(*spec, arch) for arch in archs for spec in _specs(filter_, arch)]
     if jobs <= 1:
         return [_compile_one(w) for w in work]
     with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -168,15 +194,20 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                        help=f"target architectures (known: {' '.join(map(str, ARCHS))})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--filter", default="", help="only kernels/configs containing this text")
+    parser.add_argument("--filter", nargs="+", default=[],
+                        help="only kernels/configs containing one of these texts")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler",
               file=sys.stderr)
         return 2
+    unknown = [a for a in args.arch if a not in SMEM_LIMIT]
+    if unknown:
+        parser.error(f"--arch {unknown}: no shared-memory limit known (known: {list(ARCHS)})")
     rows = run(args.arch, args.jobs, args.filter)
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]

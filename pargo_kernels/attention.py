@@ -99,10 +99,18 @@ register_autocast(torch.ops.pargo.masked_attention_fwd.default)
 # --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
-def _triton_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+def _triton_reasons(q: Tensor, k: Tensor, v: Tensor, capability=None) -> list[str]:
+    """Why the Triton backend cannot serve these inputs; ``capability`` (``(major, minor)``)
+    defaults to that of ``q``'s GPU (none is checked for CPU tensors, the interpreter)."""
     why = _backend.triton_device_reasons([q])
     if q.dtype not in _TRITON_DTYPES:
         why.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    elif capability is not None or (q.is_cuda and not why):
+        from .ops.attention_plan import arch_refusal  # no triton import needed
+        refusal = arch_refusal(capability or torch.cuda.get_device_capability(q.device), q.dtype,
+                               max(q.shape[3], v.shape[3]))
+        if refusal:
+            why.append(refusal)
     if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
         why.append(f"head dims ({q.shape[3]}, {v.shape[3]}) exceed {MAX_HEAD_DIM}")
     return why

@@ -4,6 +4,8 @@ The "triton" backend runs the real kernels (under the Triton interpreter on a CP
 on the GPU otherwise); the "reference" backend is the dense-mask eager path. Every case draws
 fresh random inputs; outputs are allocated NaN-filled so an unwritten element fails.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,6 +114,35 @@ def test_band_matches_oracle(case, backend, device):
            torch.float32, device, backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["1d", "2d"])
+def test_global_rows_split_over_keys(variant, dtype, device, monkeypatch):
+    """Global tiles split over their keys (flash-decoding style, merged with the log-sum-exp;
+    dQ partials reduced), forward and every gradient: the split threshold is lowered so that
+    these small shapes split, and the plan is checked to have split."""
+    from pargo_kernels.ops import attention_plan as plan
+    splits = []
+    for fn in ("forward_plan", "backward_plan"):
+        real = getattr(plan, fn)
+
+        def lowered(p, _real=real, **kw):
+            launches = _real(p, split_min_iters=1)
+            splits.extend(la.name for la in launches)
+            return launches
+        monkeypatch.setattr(plan, fn, lowered)
+    if variant == "1d":
+        mask = PartialGlobalMask(150, 140, 140)
+    else:
+        mask = PartialGlobalMask(259, 512, 256, (8, 64), (8, 32))
+
+    def op(q, k, v, be):
+        return pk.partial_global_attention(q, k, v, mask.n_partial, visual_grid=mask.visual_grid,
+                                           partial_grid=mask.partial_grid, backend=be)
+    _check(op, mask, 1, 2, 32, 32, dtype, device, "triton")
+    assert "fwd_merge" in splits and "dq_reduce" in splits
+    assert ("dq_delta" in splits) == (dtype != torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["d80-noncontig", "symmetric-cascade"])
@@ -149,8 +180,11 @@ def test_unwritten_output_is_caught(device, monkeypatch):
     """If the kernel skipped rows, the NaN poison would surface: simulate it by shrinking the grid."""
     q, k, v = (randn((1, 1, n, 16), torch.float32, device, requires_grad=False)
                for n in (20, 37, 37))
-    real = attention_triton.num_query_tiles
-    monkeypatch.setattr(attention_triton, "num_query_tiles", lambda *a: real(*a) - 1)
+    real = attention_triton.plan.forward_plan
+
+    def one_tile_short(*a, **kw):
+        return [dataclasses.replace(la, table=la.table[:-1]) for la in real(*a, **kw)]
+    monkeypatch.setattr(attention_triton.plan, "forward_plan", one_tile_short)
     out = pk.partial_global_attention(q, k, v, 13, backend="triton")
     assert torch.isnan(out).any()
     ref = masked_attention(q, k, v, PartialGlobalMask(20, 37, 13).materialize(device), 0.25)

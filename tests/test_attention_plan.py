@@ -1,0 +1,152 @@
+"""Launch plans of the attention kernels (grids, loop bounds) and 64-bit address arithmetic.
+
+* the 1-D grid: B*H > 65,535 heads (the old grid-y limit) is a plain grid, the program -> (head,
+  tile) map the kernels use covers every pair once with a head's tiles adjacent, and a grid past
+  CUDA's 2^31 - 1 limit is a clear error (all checked on the grid computation, no launch);
+* the dK/dV inverse windows are exact (brute force) and stay exact where ``n_partial * Nv`` is
+  near 2^31 (the old in-kernel ``(n_last + 1) * P0 + Nv - 1`` overflowed int32 there);
+* row and key offsets ``rows * stride`` past 2^31 elements (a packed ``[B, N, 3, H, D]`` view of
+  a long sequence): the kernels run on views of one sparse 8 GiB virtual buffer whose token
+  stride is 2^30 + 64 elements; an int32 offset would wrap and read other rows.
+"""
+import numpy as np
+import pytest
+import torch
+
+import pargo_kernels as pk
+from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels.ops import attention_plan as plan
+from pargo_kernels.reference import masked_attention
+from pargo_kernels.testing import assert_close, run_with_grads
+
+
+def _problem(mask, B=1, H=1, D=64, dtype=torch.bfloat16):
+    return plan.Problem(B, H, mask.n_query, mask.n_key, D, D, dtype, mask.kind, mask.params)
+
+
+def test_grid_beyond_old_axis_limit_is_one_dimensional():
+    p = _problem(PartialGlobalMask(304, 576, 288), B=65_537, H=1)
+    for launch in plan.forward_plan(p) + plan.backward_plan(p):
+        (grid,) = launch.grid
+        assert grid == 65_537 * launch.tiles
+        coords = [plan.program_coords(pid, launch.tiles) for pid in range(grid)]
+        assert coords == list(launch.programs())  # launch order: a head's tiles adjacent
+        assert len(set(coords)) == grid and coords[-1] == (65_536, launch.tiles - 1)
+
+
+def test_grid_past_cuda_limit_is_a_clear_error():
+    p = _problem(PartialGlobalMask(304, 576, 288), B=2**29, H=1)
+    with pytest.raises(ValueError, match=r"grid limit 2147483647.*split the batch"):
+        plan.forward_plan(p)[0].grid
+
+
+def _brute_force_rows(mask, n0, n1):
+    dense = mask.materialize()
+    seg = mask.n_query if isinstance(mask, BandMask) else mask.n_partial
+    hit = dense[:seg, n0:n1].any(1).nonzero().flatten()
+    return (int(hit.min()), int(hit.max()) + 1) if len(hit) else None
+
+
+@pytest.mark.parametrize("mask", [PartialGlobalMask(20, 37, 13), PartialGlobalMask(304, 576, 288),
+                                  PartialGlobalMask(9, 35, 6, (5, 7), (3, 2)),
+                                  BandMask(77, 3, 7), BandMask(40, 0, 0)],
+                         ids=["pg1d", "paper", "pg2d", "band", "band-self"])
+def test_key_tile_rows_are_exact(mask):
+    p = _problem(mask)
+    table = plan.key_entries(p, 16, 16)
+    for n0, q_lo, q_hi, g_lo, g_hi, _ in table:
+        want = _brute_force_rows(mask, n0, min(n0 + 16, mask.n_key))
+        if isinstance(mask, PartialGlobalMask) and mask.visual_grid:  # contains the rows
+            assert want is None or (q_lo <= want[0] and want[1] <= q_hi)
+        else:
+            assert (q_lo, q_hi) == want
+        if isinstance(mask, BandMask):
+            assert g_lo == g_hi == 0
+        else:
+            assert (g_lo, g_hi) == (mask.n_partial, mask.n_query)
+
+
+def test_key_tile_rows_near_int32_limit():
+    """n_partial * Nv = 2,147,441,940 (just under 2^31): the last key tiles' partial rows, exact in
+    Python integers, against the plan (numpy int64)."""
+    np_, nv = 46_341, 46_340
+    assert np_ * nv < 2**31 <= (nv + 1) * np_ + nv
+    p = plan.Problem(1, 1, np_ + 1, nv, 64, 64, torch.float16, 0, (np_, 0, 0, 0, 0))
+    table = plan.key_entries(p, 64, 64)
+    for n0, q_lo, q_hi, *_ in table[-3:]:
+        n0, n_last = int(n0), min(int(n0) + 64, nv) - 1
+        rows = [i for i in range(np_ - 200, np_) if i * nv // np_ <= n_last and
+                (i + 1) * nv // np_ > n0]
+        assert (int(q_lo), int(q_hi)) == (rows[0], rows[-1] + 1)
+
+
+@pytest.fixture
+def host_is_device(monkeypatch):
+    """The interpreter copies every argument's whole storage back after a launch; on CPU the
+    host copy *is* the tensor, and copying the sparse 8 GiB buffer would touch all of it."""
+    from triton.runtime import interpreter
+    monkeypatch.setattr(interpreter.GridExecutor, "_restore_args_dev", lambda *a, **k: None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.parametrize("mask", [PartialGlobalMask(3, 3, 2), BandMask(3, 0, 1)],
+                         ids=["pg1d", "band"])
+def test_offsets_past_int32(mask, host_is_device):
+    """q, k, v, dout: views of a packed [1, N, 4, 1, D] layout with token stride 2^30 + 64
+    elements, placed 2^31 elements into the buffer so that a wrapped int32 offset still lands
+    inside it (wrong data, not a crash)."""
+    n, D, dtype = mask.n_query, 16, torch.float16  # 8 GiB of address space, a few pages used
+    stride = 2**30 + 64  # an int32 stride; row 2's offset 2^31 + 128 is not an int32
+    base = 2**31
+    buf = torch.empty(base + (n - 1) * stride + 4 * D, dtype=dtype)  # virtual; rows touched only
+    views = [torch.as_strided(buf, (1, 1, n, D), (0, 0, stride, 1), base + i * D)
+             for i in range(4)]
+    data = [torch.randn(1, 1, n, D).to(dtype) for _ in range(4)]
+    for view, x in zip(views, data):
+        view.copy_(x)
+    q, k, v, grad = views
+    scale = D ** -0.5
+
+    if isinstance(mask, BandMask):
+        def op(q_, k_, v_):
+            return pk.band_attention(q_, k_, v_, (mask.left, mask.right), backend="triton")
+    else:
+        def op(q_, k_, v_):
+            return pk.partial_global_attention(q_, k_, v_, mask.n_partial, backend="triton")
+
+    # run_with_grads detaches the views (same storage and strides) as the leaves
+    out, grads = run_with_grads(op, (q, k, v), grad)
+    dense = mask.materialize()
+    ref, ref_grads = run_with_grads(lambda a, b, c: masked_attention(a, b, c, dense, scale),
+                                    data[:3], data[3], torch.float64)
+    assert_close("out", out, ref, dtype)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, g, r, dtype)
+
+
+@pytest.mark.parametrize("capability, dtype, refused", [
+    ((7, 5), torch.bfloat16, "bfloat16 attention on sm_75: bfloat16 needs sm_80+"),
+    ((7, 5), torch.float16, "float16 attention on sm_75: Triton has no tensor-core path"),
+    ((7, 5), torch.float32, None),
+    ((7, 0), torch.float32, "checked for sm_75 and newer; this GPU is sm_70"),
+    ((8, 6), torch.bfloat16, None), ((8, 9), torch.float16, None), ((9, 0), torch.bfloat16, None),
+    ((7, 5), torch.float32, "head dim 200 on sm_75"),
+])
+def test_triton_backend_refuses_by_capability(capability, dtype, refused):
+    from pargo_kernels.attention import _triton_reasons
+    q = torch.randn(1, 1, 4, 200 if refused and "head dim" in refused else 128).to(dtype)
+    why = _triton_reasons(q, q, q, capability=capability)
+    if refused is None:
+        assert why == []
+    else:
+        assert any(refused in w for w in why), why
+
+
+def test_tile_table_follows_the_architecture():
+    """The launcher picks tiles by compute capability (tables found by the 5-arch AOT check)."""
+    for arch, warps in ((80, 4), (86, 4), (90, 8)):
+        p = plan.Problem(1, 1, 20, 40, 128, 128, torch.float32, 0, (16, 0, 0, 0, 0), arch)
+        (dkdv,) = [la for la in plan.backward_plan(p) if la.name == "dkdv"]
+        assert dkdv.cfg["num_warps"] == warps
+    assert plan.tile_config("fwd", 256, torch.float32, 86)["BLOCK_N"] == 16
+    assert plan.tile_config("fwd", 256, torch.float32, 90)["BLOCK_N"] == 32

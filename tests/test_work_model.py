@@ -1,0 +1,114 @@
+"""The work model counts exactly the MMA work the kernels execute.
+
+Under the Triton interpreter every ``tl.dot`` goes through the interpreter builder's
+``create_dot``; the test wraps it, records ``2 * M * N * K`` per call and attributes the calls to
+the launch that made them, then compares with ``benchmarks/work_model.py``'s ``issued_flops`` for
+the same shape: every mask kind, every pass and launch (forward, delta, split delta, dQ, dK/dV),
+fp32 and 16-bit configurations, with and without key splits of the global tiles.
+"""
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import pargo_kernels as pk
+from pargo_kernels.ops import attention_plan as plan
+from pargo_kernels.ops import attention_triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import work_model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="counts tl.dot calls of the Triton interpreter (CPU only)")
+
+
+@pytest.fixture
+def dot_counter(monkeypatch):
+    from triton.runtime import interpreter
+    counts = Counter()
+    current = ["?"]
+    real_dot = interpreter.interpreter_builder.create_dot
+
+    def counting_dot(a, b, *args, **kwargs):
+        (m, k), (k2, n) = a.data.shape, b.data.shape
+        assert k == k2
+        counts[current[0]] += 2 * m * n * k
+        return real_dot(a, b, *args, **kwargs)
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", counting_dot)
+    real_launch = attention_triton._launch
+
+    def tagged_launch(kernel, launch, *args, **kwargs):
+        current[0] = launch.name
+        counts[launch.name] += 0
+        real_launch(kernel, launch, *args, **kwargs)
+        current[0] = "?"
+    monkeypatch.setattr(attention_triton, "_launch", tagged_launch)
+    return counts
+
+
+CASES = {
+    # id: (Nq, Nv, kind, params, D, Dv)
+    # short partial windows, long global rows: split=1 splits the global tiles over their keys
+    "pg1d": (261, 256, 0, (256, 0, 0, 0, 0), 24, 40),
+    "pg1d-np0": (9, 100, 0, (0, 0, 0, 0, 0), 16, 16),
+    "pg2d": (259, 256, 1, (256, 16, 16, 16, 16), 32, 32),
+    "band": (70, 70, 2, (9, 4, 0, 0, 0), 32, 16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("split", [None, 1], ids=["nosplit", "split"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_issued_flops_equal_executed_dots(case, split, dtype, dot_counter, monkeypatch):
+    nq, nv, kind, params, D, Dv = CASES[case]
+    if split is not None:  # lower the split threshold so global tiles split over their keys
+        for fn in ("forward_plan", "backward_plan"):
+            real = getattr(plan, fn)
+            monkeypatch.setattr(plan, fn, lambda p, _r=real, **kw: _r(p, split_min_iters=split))
+    B, H = 2, 1
+    q = torch.randn(B, H, nq, D).to(dtype)
+    k = torch.randn(B, H, nv, D).to(dtype)
+    v = torch.randn(B, H, nv, Dv).to(dtype)
+    out, lse = attention_triton.attention_forward(q, k, v, kind, params, D ** -0.5)
+    do = torch.randn_like(out)
+    attention_triton.attention_backward(do, q, k, v, out, lse, kind, params, D ** -0.5)
+    p = plan.Problem(B, H, nq, nv, D, Dv, dtype, kind, params)
+    expected = {}
+    for which in ("fwd", "bwd"):
+        expected.update(work_model.issued_flops(p, which, **(
+            {} if split is None else dict(split_min_iters=split))))
+    kernels = {k: v for k, v in expected.items() if k in work_model.KERNELS}  # not reductions
+    assert dict(dot_counter) == kernels
+    assert dot_counter["?"] == 0 and sum(expected.values()) > 0
+    if split is not None and kind != 2 and params[0] > 0:  # the split launches did run
+        assert "fwd_merge" in expected and "dq_reduce" in expected
+        assert ("dq_delta" in kernels) == (dtype != torch.float32)
+
+
+def test_model_cli_rows(tmp_path):
+    """The CLI writes the issue's row schema (attention rows; the R figures need the real
+    compiler, so it runs without TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "work_model.py"),
+                           "--ops", "attention", "--cases", "paper", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())
+    keys = {"op", "case", "pass", "flops_issued", "flops_ideal", "flops_dense", "flops_flex128",
+            "bytes_floor", "bytes_requested", "programs", "max_iters_per_program",
+            "mean_iters_per_program"}
+    assert [(r["op"], r["case"], r["pass"]) for r in rows] == \
+        [("partial_global", "paper", "fwd"), ("partial_global", "paper", "bwd")]
+    for r in rows:
+        assert keys <= set(r)
+        # paper shape, bf16, B*H = 2048: Q, K, V, O and LSE each moved once at least
+        assert r["bytes_requested"] >= r["bytes_floor"] > 0
+        assert r["flops_ideal"] < r["flops_issued"] < r["flops_dense"]
+    assert rows[0]["flops_ideal"] == 2048 * (288 * 2 + 16 * 576) * 2 * 128
+    assert "| partial_global | paper | fwd |" in proc.stdout
