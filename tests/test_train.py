@@ -194,8 +194,8 @@ def test_init_from_bert_loads_a_saved_bert_into_pargo(disk, tmp_path):
         {"n_partial": 4, "n_global": 1, "hidden": 32, "heads": 2, "intermediate": 64,
          "impl": "reference", "init_from_bert": str(tmp_path / "bert")}))
     model = build_model(*parse_args(kw)[::2])
-    got = model.projector.layers[5].ffn.intermediate.weight
-    torch.testing.assert_close(got, bert.encoder.layer[5].intermediate.dense.weight)
+    got = model.projector.layers[5].attention.query.weight
+    torch.testing.assert_close(got, bert.encoder.layer[5].attention.self.query.weight)
 
 
 # ------------------------------------------------------------------ subprocess runs (ZeRO, DDP)

@@ -31,14 +31,17 @@ def dot_counter(monkeypatch):
     from triton.runtime import interpreter
     counts = Counter()
     current = ["?"]
-    real_dot = interpreter.interpreter_builder.create_dot
+    # Patch the class, not the module's builder instance: undoing an instance patch would leave
+    # the original bound method in the instance's __dict__, hiding later class-level patches
+    # (tests/test_work_model_pool.py records through the class).
+    real_dot = interpreter.InterpreterBuilder.create_dot
 
-    def counting_dot(a, b, *args, **kwargs):
+    def counting_dot(self, a, b, *args, **kwargs):
         (m, k), (k2, n) = a.data.shape, b.data.shape
         assert k == k2
         counts[current[0]] += 2 * m * n * k
-        return real_dot(a, b, *args, **kwargs)
-    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", counting_dot)
+        return real_dot(self, a, b, *args, **kwargs)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
     real_launch = attention_triton._launch
 
     def tagged_launch(kernel, launch, *args, **kwargs):
