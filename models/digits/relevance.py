@@ -187,11 +187,11 @@ def digit_box(record: dict, cell) -> tuple[float, float, float, float]:
 def box_coverage(box, grid) -> Tensor:
     """``[gh, gw]``: the share of each patch of a ``grid`` that ``box`` (fractions) covers."""
     gh, gw = grid
-    y0, x0, y1, x1 = box
-    ey, ex = torch.arange(gh + 1, dtype=torch.float64) / gh, torch.arange(gw + 1,
-                                                                         dtype=torch.float64) / gw
-    oy = (torch.minimum(ey[1:], torch.tensor(y1)) - torch.maximum(ey[:-1], torch.tensor(y0)))
-    ox = (torch.minimum(ex[1:], torch.tensor(x1)) - torch.maximum(ex[:-1], torch.tensor(x0)))
+    f64 = torch.float64
+    ey, ex = torch.arange(gh + 1, dtype=f64) / gh, torch.arange(gw + 1, dtype=f64) / gw
+    y0, x0, y1, x1 = (torch.tensor(float(v), dtype=f64) for v in box)
+    oy = torch.minimum(ey[1:], y1) - torch.maximum(ey[:-1], y0)
+    ox = torch.minimum(ex[1:], x1) - torch.maximum(ex[:-1], x0)
     return (oy.clamp(min=0)[:, None] * gh) * (ox.clamp(min=0)[None, :] * gw)
 
 

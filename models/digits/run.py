@@ -50,13 +50,13 @@ PLATEAU_MARGIN = 0.05
 _CPU = dict(n_train=3000, n_val=100, n_test=200, grid=(4, 4), pitch=9, upsample=1, patch=6,
             vision_hidden=64, vision_layers=2, vision_heads=4, llm_hidden=64, llm_layers=2,
             llm_heads=4, proj_hidden=64, proj_layers=2, proj_heads=4, steps=800, batch=16,
-            lrs=(2e-3,), seeds=(0,), qtypes=("read", "row", "cell"), train_repeats={"cell": 3},
-            proj_init="torch", tower="pretrained", tower_steps=400, tower_batch=32,
+            lrs=(4e-3,), seeds=(0,), qtypes=("read", "row", "cell"), train_repeats={"cell": 3},
+            proj_init="torch", tower="pretrained", tower_steps=800, tower_batch=32,
             tower_lr=3e-3, warmup_ratio=0.05, weight_decay=0.01, eval_batch=200,
             log_every=100, n_relevance=4, n_relevance_score=40, cpu_threads=1)
 PROFILES = {
     "cpu": _CPU,
-    "cpu-study": {**_CPU, "lrs": (1e-3, 2e-3, 4e-3), "seeds": (0, 1, 2)},
+    "cpu-study": {**_CPU, "lrs": (4e-3, 2e-3, 8e-3), "seeds": (0, 1, 2)},
     "gpu": dict(n_train=20000, n_val=300, n_test=500, grid=(4, 4), pitch=9, upsample=2, patch=6,
                 vision_hidden=192, vision_layers=4, vision_heads=6, llm_hidden=256,
                 llm_layers=4, llm_heads=8, proj_hidden=192, proj_layers=2, proj_heads=6,
@@ -540,8 +540,8 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, projectors=PROJECT
             _save(results, out, projectors, t_start)
 
         seeds, lrs = list(p["seeds"]), list(p["lrs"])
-        for proj in projectors:  # the rate sweep, first seed
-            for lr in lrs:
+        for lr in lrs:  # the rate sweep, first seed (rate-major: a cut-off run has every projector)
+            for proj in projectors:
                 one(proj, lr, seeds[0])
         for seed in seeds[1:]:  # the other seeds at the rate chosen on validation
             for proj in projectors:

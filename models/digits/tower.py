@@ -77,7 +77,7 @@ def pretrain_tower(vision_config, processor, data: dict, *, steps: int, batch: i
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     freeze(tower)
     stats = {"losses": losses, "patch_acc": {"train": _accuracy(tower, head, pix, tgt)}}
     if data.get("val") is not None:
