@@ -276,12 +276,21 @@ def test_plateau_flag():
     assert not on_plateau({"cell": 0.26, "read": 0.1}, ch)
 
 
+def dd_projectors():
+    from models.digits.run import PROJECTORS
+    return list(PROJECTORS)
+
+
 def test_micro_run_writes_report(tmp_path):
     from models.digits.run import run_study
     out = tmp_path / "out"
     res = run_study("tiny", out, overrides={"lrs": (1e-3, 3e-3), "seeds": (0, 1)})
     runs = [(r["projector"], r["lr"], r["seed"]) for r in res["runs"]]
-    assert len(runs) == 4 * 3 and runs[:2] == [("pargo", 1e-3, 0), ("qformer", 1e-3, 0)]
+    # first rate x both seeds, then the other rate; then seed 1 where validation chose 3e-3
+    assert runs[:8] == [(n, 1e-3, s) for s in (0, 1) for n in dd_projectors()]
+    assert runs[8:12] == [(n, 3e-3, 0) for n in dd_projectors()]
+    picked = {s["projector"]: s["lr"] for s in res["summary"]}
+    assert runs[12:] == [(n, 3e-3, 1) for n in dd_projectors() if picked[n] == 3e-3]
     toks = {r["projector"]: r["visual_tokens"] for r in res["runs"]}
     assert toks == {"pargo": 10, "qformer": 10, "deco": 9, "mlp2x_gelu": 36}
     md = (out / "results.md").read_text()
@@ -297,6 +306,9 @@ def test_micro_run_writes_report(tmp_path):
         assert 0.0 <= r["relevance_in_cell"] <= 1.0
     for s in js["summary"]:  # seed 1 ran at the rate chosen on seed 0's validation score
         assert s["n_seeds"] == 2 and s["seeds"] == [0, 1]
+        best = max((r for r in js["runs"] if r["projector"] == s["projector"] and r["seed"] == 0),
+                   key=lambda r: r["val_overall"])
+        assert s["lr"] == best["lr"]
     for png in ("loss_curves.png", "accuracy.png", "relevance.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 1000 < len(data) < 150_000

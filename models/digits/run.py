@@ -20,8 +20,9 @@ into the trainer / MLLM), then scored by exact match of greedy answers per quest
 
 Protocol: every learning rate of the profile's ``lrs`` is run with the first seed; the rate with
 the best mean validation accuracy (validation images, never the test set) is kept per projector,
-then run with the other ``seeds``; the table gives test accuracy mean +- std over the seeds at that
-rate. A run whose validation accuracy stays within 0.05 of the majority answer on every question
+and run with the other ``seeds``; the table gives test accuracy mean +- std over the seeds at that
+rate. Runs are ordered so that a cut-off run is still usable: the first rate with every seed
+first, then the rest of the sweep, then the other seeds at a rate validation picked instead. A run whose validation accuracy stays within 0.05 of the majority answer on every question
 type is flagged as on the answer-prior plateau.
 
 Writes to ``--out`` (after every run, so a cut-off run still leaves data): ``results.md``,
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -379,7 +381,10 @@ def write_report(results: dict, out: Path) -> str:
           "is above chance; the uniform-map baseline is the digit's share of the patch area.",
           "", "## All runs", "", runs_table(results), "",
           f"Wall-clock: {results['wall_clock_s']:.0f} s in all (dataset build "
-          f"{results['dataset_s']:.1f} s) on {results['device']}; torch {results['torch']}"
+          f"{results['dataset_s']:.1f} s), {results['cpu_s']:.0f} CPU s (about the wall-clock "
+          f"on an unloaded core) on {results['device']}, load average "
+          f"{min(results['loadavg']):.1f}-{max(results['loadavg']):.1f} during the run; "
+          f"torch {results['torch']}"
           f"{'; PARTIAL (run still going or cut off)' if not results.get('complete') else ''}.",
           "", "Plots: `loss_curves.png`, `accuracy.png`, `relevance.png`.", "",
           f"Command: `{results['command']}`", ""]
@@ -440,6 +445,10 @@ def plot(results: dict, out: Path) -> None:
 def _save(results: dict, out: Path, projectors, t_start: float) -> str:
     results["summary"] = summarize(results["runs"], projectors, results["profile_settings"]["seeds"])
     results["wall_clock_s"] = time.time() - t_start
+    # CPU seconds of this process (one torch thread on a CPU): about the wall-clock it would take
+    # on an unloaded core, whatever the load while it ran
+    results["cpu_s"] = time.process_time() - results.get("_cpu0", 0.0)
+    results["loadavg"] = results.get("loadavg", []) + [round(os.getloadavg()[0], 2)]
     table = write_report(results, out)
     plot(results, out)
     with open(out / "results.json", "w") as f:
@@ -456,7 +465,7 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, projectors=PROJECT
     from .dataset import QTYPES, build_digit_dataset
     from .relevance import relevance_study, save_relevance_figure
     from .tower import pretrain_tower
-    t_start = time.time()
+    t_start, cpu0 = time.time(), time.process_time()
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # "Writing model shards" bars of each checkpoint
@@ -500,6 +509,7 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, projectors=PROJECT
                    "visual_grid": [side, side], "n_test_questions": len(evals["test"]),
                    "n_val_questions": len(evals["val"]), "dataset_s": t_data,
                    "runs": [], "summary": [], "tower_stats": {}, "complete": False,
+                   "_cpu0": cpu0,
                    "device": (torch.cuda.get_device_name() if cuda else
                               f"CPU ({torch.get_num_threads()} threads, "
                               f"{platform.processor() or platform.machine()})"),
@@ -540,12 +550,19 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, projectors=PROJECT
             _save(results, out, projectors, t_start)
 
         seeds, lrs = list(p["seeds"]), list(p["lrs"])
-        for lr in lrs:  # the rate sweep, first seed (rate-major: a cut-off run has every projector)
+        # execution order, so that a cut-off run still has every projector: the first rate with
+        # every seed, then the rest of the sweep (first seed), then the other seeds at any rate
+        # that validation picked instead of the first
+        done = set()
+        for lr, seed in [(lrs[0], s) for s in seeds] + [(lr, seeds[0]) for lr in lrs[1:]]:
             for proj in projectors:
-                one(proj, lr, seeds[0])
-        for seed in seeds[1:]:  # the other seeds at the rate chosen on validation
-            for proj in projectors:
-                one(proj, select_lr(results["runs"], proj, seeds[0]), seed)
+                one(proj, lr, seed)
+                done.add((proj, lr, seed))
+        for proj in projectors:
+            lr = select_lr(results["runs"], proj, seeds[0])
+            for seed in seeds[1:]:
+                if (proj, lr, seed) not in done:
+                    one(proj, lr, seed)
         if rel_recs:
             best = {s["projector"]: rel_maps[(s["projector"], s["lr"], seeds[0])]
                     for s in results["summary"]}
