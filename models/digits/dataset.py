@@ -21,14 +21,13 @@ Layout: digit ``(r, c)`` is pasted with its top-left corner at ``(pitch * r + dy
 line up with the digit cells: no projector gets the layout for free.
 
 Every answer is computed from the composed labels. Files are LLaVA JSON (what
-:class:`models.data.LLaVADataset` reads) plus ``images/*.png`` (grayscale, ``8 * rows * upsample``
-by ``8 * cols * upsample`` px):
+:class:`models.data.LLaVADataset` reads) plus ``images/*.png`` (grayscale, ``pitch * rows *
+upsample`` by ``pitch * cols * upsample`` px):
 
-* ``train.json``: one record per training image with one question of each type as a multi-turn
-  conversation (types in random order), so one image pass trains four answers;
+* ``train.json``: one record per training image with one question of each type (``train_repeats``
+  of some) as a multi-turn conversation (in random order), so one image pass trains them all;
 * ``test.json``: one single-turn record per (test image, question type), with ``"qtype"`` and
-  ``"answer"`` fields for scoring.
-
+  ``"answer"`` fields for scoring;
 * ``val.json``: like ``test.json``, for choosing learning rates (never the test set).
 
 Split: the first 70 % of the ``load_digits`` samples (in its fixed order) compose the training
