@@ -313,6 +313,17 @@ def test_micro_run_writes_report(tmp_path):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 1000 < len(data) < 150_000
     assert not list(out.glob("digits_*"))  # the work dir (data, checkpoints) is removed
+    # the same runs split over two processes' folders merge back to the same summary
+    from models.digits.run import merge_results
+    for name, keep in (("a", lambda r: r["lr"] == 1e-3), ("b", lambda r: r["lr"] != 1e-3)):
+        (tmp_path / name).mkdir()
+        part = {**js, "runs": [r for r in js["runs"] if keep(r)]}
+        (tmp_path / name / "results.json").write_text(json.dumps(part))
+    merged = merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert len(merged["runs"]) == len(js["runs"])
+    assert json.loads(json.dumps(merged["summary"])) == js["summary"]
+    summary_md, runs_md = (tmp_path / "m" / "results.md").read_text().split("## All runs")
+    assert summary_md.count("| pargo |") == 1 and runs_md.count("| pargo |") == 3
 
 
 # ------------------------------------------------------------------------------- relevance

@@ -442,18 +442,54 @@ def plot(results: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- main
-def _save(results: dict, out: Path, projectors, t_start: float) -> str:
+def _write(results: dict, out: Path, projectors) -> str:
     results["summary"] = summarize(results["runs"], projectors, results["profile_settings"]["seeds"])
-    results["wall_clock_s"] = time.time() - t_start
-    # CPU seconds of this process (one torch thread on a CPU): about the wall-clock it would take
-    # on an unloaded core, whatever the load while it ran
-    results["cpu_s"] = time.process_time() - results.get("_cpu0", 0.0)
-    results["loadavg"] = results.get("loadavg", []) + [round(os.getloadavg()[0], 2)]
     table = write_report(results, out)
     plot(results, out)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     return table
+
+
+def _save(results: dict, out: Path, projectors, t_start: float) -> str:
+    results["wall_clock_s"] = time.time() - t_start
+    # CPU seconds of this process (one torch thread on a CPU): about the wall-clock it would take
+    # on an unloaded core, whatever the load while it ran
+    results["cpu_s"] = time.process_time() - results.get("_cpu0", 0.0)
+    results["loadavg"] = results.get("loadavg", []) + [round(os.getloadavg()[0], 2)]
+    return _write(results, out, projectors)
+
+
+def merge_results(parts, out, projectors=PROJECTORS) -> dict:
+    """Combine result folders of one profile run as separate processes (e.g. the seeds of the
+    first rate in one, the rest of the rate sweep in another), recompute the summary (rates still
+    chosen on validation) and write the report to ``out``. Wall-clock: the longest part; CPU s:
+    the sum. The first part's seeds come first (its first seed is the sweep's)."""
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in parts]
+    base = parts[0]
+    for q in parts[1:]:
+        if q["profile"] != base["profile"] or q["chance"] != base["chance"]:
+            raise ValueError("merge_results: the parts are not of the same profile and data")
+    runs, seen = [], set()
+    for q in parts:
+        for r in q["runs"]:
+            if (r["projector"], r["lr"], r["seed"]) not in seen:
+                seen.add((r["projector"], r["lr"], r["seed"]))
+                runs.append(r)
+    merged = {**base, "runs": runs, "complete": all(q.get("complete") for q in parts),
+              "wall_clock_s": max(q["wall_clock_s"] for q in parts),
+              "cpu_s": sum(q["cpu_s"] for q in parts),
+              "loadavg": [x for q in parts for x in q.get("loadavg", [])],
+              "tower_stats": {k: v for q in parts for k, v in q["tower_stats"].items()},
+              "command": " ; ".join(q["command"] for q in parts)}
+    p = dict(base["profile_settings"])
+    p["lrs"] = list(dict.fromkeys(x for q in parts for x in q["profile_settings"]["lrs"]))
+    p["seeds"] = list(dict.fromkeys(x for q in parts for x in q["profile_settings"]["seeds"]))
+    merged["profile_settings"] = p
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(merged, out, projectors)
+    return merged
 
 
 def run_study(profile: str = "cpu", out="runs/digits_cpu", *, projectors=PROJECTORS,
@@ -597,11 +633,18 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="override the global batch")
     ap.add_argument("--tower", default=None, choices=["pretrained", "scratch"],
                     help="frozen pretrained tower (default) or trained from scratch")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated result folders to combine into --out (no training)")
     ap.add_argument("--keep_runs", action="store_true",
                     help="keep the data and checkpoints under <out>/digits_*")
     a = ap.parse_args(argv)
     name = resolve_profile(a.profile)
     out = a.out or f"runs/digits_{name}"
+    if a.merge:
+        merge_results([d for d in a.merge.split(",") if d], out,
+                      [s for s in a.projectors.split(",") if s])
+        print((Path(out) / "results.md").read_text())
+        return
     over = {k: v for k, v in (("steps", a.steps), ("n_train", a.n_train), ("batch", a.batch),
                               ("tower", a.tower)) if v is not None}
     if a.lrs:
