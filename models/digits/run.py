@@ -251,14 +251,18 @@ def select_lr(runs: list[dict], projector: str, seed: int) -> float:
     return min(cand, key=lambda r: (-r["val_overall"], r["lr"]))["lr"]
 
 
-def summarize(runs: list[dict], projectors, seeds) -> list[dict]:
-    """Per projector: the selected rate and the test accuracy mean / std over the seeds run at
-    it (``n_seeds`` may be short of ``len(seeds)`` in a cut-off run)."""
+def summarize(runs: list[dict], projectors, seeds, lr: float | None = None) -> list[dict]:
+    """Per projector: the rate selected on validation (or the given ``lr``) and the test accuracy
+    mean / std over the seeds run at it (``n_seeds`` may be short of ``len(seeds)`` in a cut-off
+    run)."""
     out = []
+    fixed = lr
     for name in projectors:
         if not any(r["projector"] == name and r["seed"] == seeds[0] for r in runs):
             continue
-        lr = select_lr(runs, name, seeds[0])
+        lr = select_lr(runs, name, seeds[0]) if fixed is None else fixed
+        if not any(r["projector"] == name and r["lr"] == lr for r in runs):
+            continue
         at = [r for r in runs if r["projector"] == name and r["lr"] == lr]
         types = list(at[0]["accuracy"])
 
@@ -298,19 +302,20 @@ def relevance_reported(summary: dict, chance: dict, margin: float = PLATEAU_MARG
             and acc[0] > chance[LOCAL_TYPE]["majority"] + margin)
 
 
-def results_table(results: dict) -> str:
+def results_table(results: dict, summary: list[dict] | None = None) -> str:
     """Markdown: per projector, test accuracy mean ± std over the seeds at the rate chosen on
-    validation, then the chance rows."""
+    validation (or the rows of ``summary``), then the chance rows."""
     from .dataset import QTYPES
     chance = results["chance"]
     qt = [t for t in QTYPES if t in chance]
     has_rel = LOCAL_TYPE in qt
-    hdr = ["projector", "visual tokens", "lr (val-selected of)", "seeds",
+    hdr = ["projector", "visual tokens",
+           "lr (val-selected of)" if summary is None else "lr (fixed; swept)", "seeds",
            *(QTYPE_TITLES[t] for t in qt), "mean", "final train loss", "on plateau"]
     if has_rel:
         hdr.append("relevance in asked digit")
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-    for r in results["summary"]:
+    for r in results["summary"] if summary is None else summary:
         tok = str(r["visual_tokens"])
         if r["projector"].startswith("mlp"):
             tok += " (all patches)"
@@ -379,7 +384,15 @@ def write_report(results: dict, out: Path) -> str:
           "digit: share of the relevance map (models/digits/relevance.py) on the patches covered "
           "by the asked digit, mean over test cell questions; reported only where cell accuracy "
           "is above chance; the uniform-map baseline is the digit's share of the patch area.",
-          "", "## All runs", "", runs_table(results), "",
+          ""]
+    lr0 = p["lrs"][0]
+    same = summarize(results["runs"], [s["projector"] for s in results["summary"]], p["seeds"],
+                     lr=lr0)
+    if len(p["lrs"]) > 1 and same:
+        md += [f"## Every projector at the first rate ({lr0:g}, the `make run` rate)", "",
+               "Not selected per projector: the same rate for all, every seed run at it.", "",
+               results_table(results, same), ""]
+    md += ["## All runs", "", runs_table(results), "",
           f"Wall-clock: {results['wall_clock_s']:.0f} s in all (dataset build "
           f"{results['dataset_s']:.1f} s), {results['cpu_s']:.0f} CPU s (about the wall-clock "
           f"on an unloaded core) on {results['device']}, load average "
