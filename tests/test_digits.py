@@ -320,7 +320,9 @@ def test_micro_run_writes_report(tmp_path):
         part = {**js, "runs": [r for r in js["runs"] if keep(r)]}
         (tmp_path / name / "results.json").write_text(json.dumps(part))
     merged = merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
-    assert len(merged["runs"]) == len(js["runs"])
+    assert len(merged["runs"]) == len(js["runs"]) and merged["complete"]
+    from models.digits.run import protocol_complete
+    assert not protocol_complete(js["runs"][:-1], dd_projectors(), [1e-3, 3e-3], [0, 1])
     assert json.loads(json.dumps(merged["summary"])) == js["summary"]
     summary_md, runs_md = (tmp_path / "m" / "results.md").read_text().split("## All runs")
     # the selected-rate table and the first-rate table, then one row per run

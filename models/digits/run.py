@@ -473,11 +473,23 @@ def _save(results: dict, out: Path, projectors, t_start: float) -> str:
     return _write(results, out, projectors)
 
 
+def protocol_complete(runs: list[dict], projectors, lrs, seeds) -> bool:
+    """Every rate ran with the first seed, and every seed at each projector's selected rate."""
+    have = {(r["projector"], r["lr"], r["seed"]) for r in runs}
+    for name in projectors:
+        if any((name, lr, seeds[0]) not in have for lr in lrs):
+            return False
+        lr = select_lr(runs, name, seeds[0])
+        if any((name, lr, s) not in have for s in seeds):
+            return False
+    return True
+
+
 def merge_results(parts, out, projectors=PROJECTORS) -> dict:
     """Combine result folders of one profile run as separate processes (e.g. the seeds of the
     first rate in one, the rest of the rate sweep in another), recompute the summary (rates still
     chosen on validation) and write the report to ``out``. Wall-clock: the longest part; CPU s:
-    the sum. The first part's seeds come first (its first seed is the sweep's)."""
+    the sum; complete: :func:`protocol_complete`. The first part's seeds come first (its first seed is the sweep's)."""
     parts = [json.loads((Path(d) / "results.json").read_text()) for d in parts]
     base = parts[0]
     for q in parts[1:]:
@@ -489,7 +501,7 @@ def merge_results(parts, out, projectors=PROJECTORS) -> dict:
             if (r["projector"], r["lr"], r["seed"]) not in seen:
                 seen.add((r["projector"], r["lr"], r["seed"]))
                 runs.append(r)
-    merged = {**base, "runs": runs, "complete": all(q.get("complete") for q in parts),
+    merged = {**base, "runs": runs,
               "wall_clock_s": max(q["wall_clock_s"] for q in parts),
               "cpu_s": sum(q["cpu_s"] for q in parts),
               "loadavg": [x for q in parts for x in q.get("loadavg", [])],
@@ -499,6 +511,7 @@ def merge_results(parts, out, projectors=PROJECTORS) -> dict:
     p["lrs"] = list(dict.fromkeys(x for q in parts for x in q["profile_settings"]["lrs"]))
     p["seeds"] = list(dict.fromkeys(x for q in parts for x in q["profile_settings"]["seeds"]))
     merged["profile_settings"] = p
+    merged["complete"] = protocol_complete(runs, projectors, p["lrs"], p["seeds"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write(merged, out, projectors)
