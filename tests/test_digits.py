@@ -327,7 +327,7 @@ def test_micro_run_writes_report(tmp_path):
     summary_md, runs_md = (tmp_path / "m" / "results.md").read_text().split("## All runs")
     # the selected-rate table and the first-rate table, then one row per run
     assert summary_md.count("| pargo |") == 2 and runs_md.count("| pargo |") == 3
-    assert "## Every projector at the first rate (0.001" in summary_md
+    assert "## Every projector at the sweep's first rate (0.001)" in summary_md
 
 
 # ------------------------------------------------------------------------------- relevance

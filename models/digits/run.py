@@ -1,7 +1,7 @@
 """The digit-grid detail-perception study: one tiny MLLM per projector, learning-rate sweep and
 seeds, on a frozen pretrained tower.
 
-    python -m models.digits.run --profile cpu                 # `make run`: 1 seed, 1 rate, minutes
+    python -m models.digits.run --profile cpu                 # `make run`: seed 0, lr 2e-3, minutes
     nice -n 10 python -m models.digits.run --profile cpu-study \
         --out benchmarks/results/digits_cpu_study             # 3 seeds x rate sweep (~1 h)
     python -m models.digits.run --profile gpu --out runs/digits_gpu
@@ -52,7 +52,7 @@ PLATEAU_MARGIN = 0.05
 _CPU = dict(n_train=3000, n_val=100, n_test=200, grid=(4, 4), pitch=9, upsample=1, patch=6,
             vision_hidden=64, vision_layers=2, vision_heads=4, llm_hidden=64, llm_layers=2,
             llm_heads=4, proj_hidden=64, proj_layers=2, proj_heads=4, steps=800, batch=16,
-            lrs=(4e-3,), seeds=(0,), qtypes=("read", "row", "cell"), train_repeats={"cell": 3},
+            lrs=(2e-3,), seeds=(0,), qtypes=("read", "row", "cell"), train_repeats={"cell": 3},
             proj_init="torch", tower="pretrained", tower_steps=800, tower_batch=32,
             tower_lr=3e-3, warmup_ratio=0.05, weight_decay=0.01, eval_batch=200,
             log_every=100, n_relevance=4, n_relevance_score=40, cpu_threads=1)
@@ -389,11 +389,12 @@ def write_report(results: dict, out: Path) -> str:
     same = summarize(results["runs"], [s["projector"] for s in results["summary"]], p["seeds"],
                      lr=lr0)
     if len(p["lrs"]) > 1 and same:
-        md += [f"## Every projector at the first rate ({lr0:g}, the `make run` rate)", "",
+        md += [f"## Every projector at the sweep's first rate ({lr0:g})", "",
                "Not selected per projector: the same rate for all, every seed run at it.", "",
                results_table(results, same), ""]
     md += ["## All runs", "", runs_table(results), "",
-          f"Wall-clock: {results['wall_clock_s']:.0f} s in all (dataset build "
+          f"Wall-clock: {results['wall_clock_s']:.0f} s "
+          f"{'for the longest of %d processes run side by side' % results['merged_from'] if results.get('merged_from') else 'in all'} (dataset build "
           f"{results['dataset_s']:.1f} s), {results['cpu_s']:.0f} CPU s (about the wall-clock "
           f"on an unloaded core) on {results['device']}, load average "
           f"{min(results['loadavg']):.1f}-{max(results['loadavg']):.1f} during the run; "
@@ -511,6 +512,7 @@ def merge_results(parts, out, projectors=PROJECTORS) -> dict:
     p["lrs"] = list(dict.fromkeys(x for q in parts for x in q["profile_settings"]["lrs"]))
     p["seeds"] = list(dict.fromkeys(x for q in parts for x in q["profile_settings"]["seeds"]))
     merged["profile_settings"] = p
+    merged["merged_from"] = len(parts)
     merged["complete"] = protocol_complete(runs, projectors, p["lrs"], p["seeds"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
