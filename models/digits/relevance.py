@@ -27,6 +27,7 @@ import functools
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -160,40 +161,68 @@ def mllm_relevance(model, images, questions: list[str], *, template: str = "vicu
             "method": rel["method"], "answer_ids": chosen["ids"]}
 
 
-_CELL = re.compile(r"row (\d+) , column (\d+)")
+_CELL = (re.compile(r"row (\d+) , column (\d+)"), re.compile(r"\br(\d+)c(\d+)\b"))
 
 
 def cell_of(question: str) -> tuple[int, int]:
-    """(row, col), 0-based, of a local question."""
-    m = _CELL.search(question)
-    if m is None:
-        raise ValueError(f"not a local question: {question!r}")
-    return int(m.group(1)) - 1, int(m.group(2)) - 1
+    """(row, col), 0-based, of a local ("row 2 , column 3") or cell ("r2c3") question."""
+    for pat in _CELL:
+        m = pat.search(question)
+        if m is not None:
+            return int(m.group(1)) - 1, int(m.group(2)) - 1
+    raise ValueError(f"not a local or cell question: {question!r}")
 
 
-def mass_in_cell(maps: Tensor, cells, grid) -> Tensor:
-    """Share of each map ``[B, gh, gw]`` inside digit cell ``cells[b]`` of a ``grid`` of digits."""
-    b, gh, gw = maps.shape
-    ch, cw = gh // grid[0], gw // grid[1]
+def digit_box(record: dict, cell) -> tuple[float, float, float, float]:
+    """``(y0, x0, y1, x1)`` of digit ``cell`` of a dataset record, as fractions of the image."""
+    from .dataset import DIGIT
+    rows, cols = np.asarray(record["labels"]).shape
+    pitch = record.get("pitch", DIGIT)
+    r, c = cell
+    dy, dx = record.get("offsets", np.zeros((rows, cols, 2), int))[r][c]
+    h, w = pitch * rows, pitch * cols
+    return ((pitch * r + dy) / h, (pitch * c + dx) / w, (pitch * r + dy + DIGIT) / h,
+            (pitch * c + dx + DIGIT) / w)
+
+
+def box_coverage(box, grid) -> Tensor:
+    """``[gh, gw]``: the share of each patch of a ``grid`` that ``box`` (fractions) covers."""
+    gh, gw = grid
+    f64 = torch.float64
+    ey, ex = torch.arange(gh + 1, dtype=f64) / gh, torch.arange(gw + 1, dtype=f64) / gw
+    y0, x0, y1, x1 = (torch.tensor(float(v), dtype=f64) for v in box)
+    oy = torch.minimum(ey[1:], y1) - torch.maximum(ey[:-1], y0)
+    ox = torch.minimum(ex[1:], x1) - torch.maximum(ex[:-1], x0)
+    return (oy.clamp(min=0)[:, None] * gh) * (ox.clamp(min=0)[None, :] * gw)
+
+
+def mass_in_box(maps: Tensor, boxes) -> Tensor:
+    """Share of each map ``[B, gh, gw]`` on the patches covered by ``boxes[b]`` (weighted by the
+    covered fraction of each patch)."""
     out = []
-    for m, (r, c) in zip(maps, cells):
-        tot = m.sum().clamp(min=1e-20)
-        out.append(m[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw].sum() / tot)
+    for m, box in zip(maps, boxes):
+        cov = box_coverage(box, m.shape).to(m.dtype)
+        out.append((m * cov).sum() / m.sum().clamp(min=1e-20))
     return torch.stack(out)
 
 
-def relevance_study(model, records: list[dict], image_folder, grid, batch_size: int = 50) -> dict:
-    """Maps for local test questions ``records`` and the mean share of relevance inside the cell
-    each one asks about: ``{"maps": [np [gh, gw]], "in_cell", "method"}``."""
+def relevance_study(model, records: list[dict], image_folder, batch_size: int = 50) -> dict:
+    """Maps for local / cell test questions ``records`` and the mean share of relevance on the
+    digit each one asks about: ``{"maps": [np [gh, gw]], "in_cell", "baseline", "method"}``;
+    ``baseline``: the same share for a uniform map (the digit's share of the image)."""
     from .dataset import batches
-    maps, shares, method = [], [], None
-    for _, ims, qs in batches(records, image_folder, batch_size):
+    maps, shares, base, method = [], [], [], None
+    for recs, ims, qs in batches(records, image_folder, batch_size):
         rel = mllm_relevance(model, ims, qs)
         method = rel["method"]
-        shares.append(mass_in_cell(rel["maps"], [cell_of(q) for q in qs], grid))
+        boxes = [digit_box(r, cell_of(q)) for r, q in zip(recs, qs)]
+        shares.append(mass_in_box(rel["maps"], boxes))
+        base.append(mass_in_box(torch.ones_like(rel["maps"]), boxes))
         maps += [m.numpy() for m in rel["maps"]]
-    return {"maps": maps, "in_cell": float(torch.cat(shares).mean()) if shares else None,
-            "method": method}
+    if not shares:
+        return {"maps": [], "in_cell": None, "baseline": None, "method": None}
+    return {"maps": maps, "in_cell": float(torch.cat(shares).mean()),
+            "baseline": float(torch.cat(base).mean()), "method": method}
 
 
 def save_relevance_figure(path, records: list[dict], image_folder, maps_by_name: dict) -> None:
@@ -214,9 +243,8 @@ def save_relevance_figure(path, records: list[dict], image_folder, maps_by_name:
         with Image.open(Path(image_folder) / rec["image"]) as im:
             img = np.asarray(im.convert("L"), float)
         h, w = img.shape
-        lab = np.asarray(rec.get("labels", [[0]]))
         r, c = cell_of(rec["conversations"][0]["value"])
-        ch, cw = h / lab.shape[0], w / lab.shape[1]
+        y0, x0, y1, x1 = digit_box(rec, (r, c))
         for j, ax in enumerate(axes[i]):
             ax.imshow(img, cmap="gray", extent=(0, w, h, 0))
             if j > 0:
@@ -228,7 +256,8 @@ def save_relevance_figure(path, records: list[dict], image_folder, maps_by_name:
                     ax.set_title(names[j - 1], fontsize=8)
             elif i == 0:
                 ax.set_title("image", fontsize=8)
-            ax.add_patch(plt.Rectangle((c * cw, r * ch), cw, ch, fill=False, ec="w", lw=1))
+            ax.add_patch(plt.Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h,
+                                       fill=False, ec="w", lw=1))
             ax.set_xticks([])
             ax.set_yticks([])
         axes[i][0].set_ylabel(f"r{r + 1} c{c + 1}: {rec.get('answer', '')}", fontsize=7)
