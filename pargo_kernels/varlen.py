@@ -35,7 +35,7 @@ from torch import Tensor
 from . import _backend
 from ._validate import check_same, check_scale, check_tensor
 from .attention import MAX_HEAD_DIM
-from .masks import KIND_BAND, BandMask, PartialGlobalMask
+from .masks import KIND_BAND, KIND_PG1D, KIND_PG2D, BandMask, PartialGlobalMask
 from .pooling import pool_project_reference, pool_tokens_reference
 from .reference import masked_attention
 from .varlen_plan import (A_K_START, A_NQ, A_NV, A_P0, A_Q_START, KIND_POOL, P_HIN, P_HOUT,
@@ -203,7 +203,7 @@ def _choose(op: str, x: Tensor, backend: str, extra_reasons: Sequence[str] = ())
         preference=("triton", "reference") if x.is_cuda else ("reference",))
 
 
-def _resolve_plan(plan, kinds: tuple, device, args: dict, build,
+def _resolve_plan(plan, kinds: tuple, builder: str, device, args: dict, build,
                   optional: Optional[dict] = None) -> VarlenPlan:
     """The caller's plan (checked against the op and device) or one built from ``args``
     (required) and ``optional``."""
@@ -217,7 +217,9 @@ def _resolve_plan(plan, kinds: tuple, device, args: dict, build,
         raise ValueError(f"pass either plan= or the per-batch arguments, not both (got "
                          f"{', '.join(given)} with a plan)")
     if not isinstance(plan, VarlenPlan) or plan.kind not in kinds:
-        raise TypeError(f"plan must be a VarlenPlan from {build.__name__}, got {plan!r}")
+        got = f"a plan of kind {plan.kind}" if isinstance(plan, VarlenPlan) else \
+            type(plan).__name__
+        raise TypeError(f"plan must be a VarlenPlan from {builder}, got {got}")
     if plan.meta.device != device:
         raise ValueError(f"plan was built for {plan.meta.device} but the tensors are on {device}")
     return plan
@@ -271,7 +273,7 @@ def _attention_reference(q, k, v, plan: VarlenPlan, kind: int, window, scale):
             mask = BandMask(nq, *window)
         else:
             p = row[A_P0:A_P0 + 5]
-            grids = ((p[1], p[2]), (p[3], p[4])) if kind != 0 else (None, None)
+            grids = ((p[1], p[2]), (p[3], p[4])) if kind == KIND_PG2D else (None, None)
             mask = PartialGlobalMask(nq, nv, p[0], *grids)
         sl = [t[s:s + n].transpose(0, 1)[None] for t, s, n in ((q, qs, nq), (k, ks, nv),
                                                                  (v, ks, nv))]
@@ -313,7 +315,7 @@ def partial_global_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_
     """
     _check_packed_qkv(q, k, v)
     plan = _resolve_plan(
-        plan, (0, 1), q.device,
+        plan, (KIND_PG1D, KIND_PG2D), "plan_partial_global", q.device,
         dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, n_partial=n_partial),
         lambda: plan_partial_global(cu_seqlens_q, cu_seqlens_k, n_partial,
                                     visual_grids=visual_grids, partial_grids=partial_grids,
@@ -343,7 +345,7 @@ def band_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, wind
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"window must be a pair (left, right) of non-negative ints, got {window!r}")
     BandMask(1, window[0], window[1])  # validates the window
-    plan = _resolve_plan(plan, (KIND_BAND,), q.device, dict(cu_seqlens=cu_seqlens),
+    plan = _resolve_plan(plan, (KIND_BAND,), "plan_band", q.device, dict(cu_seqlens=cu_seqlens),
                          lambda: plan_band(cu_seqlens, device=q.device))
     return _run_attention("band_attention_varlen", q, k, v, plan, KIND_BAND, tuple(window),
                           check_scale(scale, q.shape[2]), backend)
@@ -353,7 +355,7 @@ def band_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, wind
 # pooling
 # --------------------------------------------------------------------------------------------
 def _pool_plan(x, cu_seqlens, in_grids, out_grids, plan) -> VarlenPlan:
-    plan = _resolve_plan(plan, (KIND_POOL,), x.device,
+    plan = _resolve_plan(plan, (KIND_POOL,), "plan_pool", x.device,
                          dict(cu_seqlens=cu_seqlens, in_grids=in_grids, out_grids=out_grids),
                          lambda: plan_pool(cu_seqlens, in_grids, out_grids, device=x.device))
     if _eager():
