@@ -84,7 +84,7 @@ class VarlenPlan:
 
     def search_steps(self) -> int:
         """Iterations of the kernels' binary search over the sequences."""
-        return max(0, math.ceil(math.log2(max(self.n_seq, 1))))
+        return math.ceil(math.log2(max(self.n_seq, 1)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -169,6 +169,33 @@ def test_band_varlen_wide_window_stays_in_sequence(device):
     _attention_case(seqs, "band", torch.float32, device, strided=False, window=(10**9, 10**9))
 
 
+@pytest.mark.parametrize("mode", ["pg1d", "pg2d", "band"])
+def test_reference_backend_matches_triton(mode, device):
+    """backend="reference" (a loop over the fixed-shape references) equals the kernels."""
+    if mode == "band":
+        seqs = [(n, n) for n in (random.randint(1, 30), random.randint(1, 30))]
+    else:
+        seqs = _batch(_pg2d_seq if mode == "pg2d" else _pg1d_seq, ("ng0", "1x1", "np0"), n_min=3)
+    nq, nv = [s[0] for s in seqs], [s[1] for s in seqs]
+    q, k, v = (torch.randn(n, H, D, device=device) for n in (sum(nq), sum(nv), sum(nv)))
+    if mode == "band":
+        args, kw, fn = (_offsets(nq), (3, 2)), {}, pk.band_attention_varlen
+    else:
+        args, fn = (_offsets(nq), _offsets(nv), [s[2] for s in seqs]), \
+            pk.partial_global_attention_varlen
+        kw = dict(visual_grids=[s[3] for s in seqs], partial_grids=[s[4] for s in seqs]) \
+            if mode == "pg2d" else {}
+    _check("reference backend", fn(q, k, v, *args, backend="reference", **kw),
+           fn(q, k, v, *args, backend="triton", **kw), torch.float32, seqs)
+    images = _pool_batch()
+    cu = _offsets([a * b for (a, b), _ in images])
+    x = torch.randn(cu[-1], 8, device=device)
+    ins, outs = [g for g, _ in images], [g for _, g in images]
+    _check("reference pooling", pk.adaptive_avg_pool_tokens_varlen(x, cu, ins, outs,
+                                                                  backend="reference")[0],
+           _pool_oracle(x, images), torch.float32, images)
+
+
 def test_plan_reuse_matches_and_builds_nothing(device, monkeypatch):
     seqs = _batch(_pg2d_seq, ("1x1",), n_min=2)
     nq, nv = [s[0] for s in seqs], [s[1] for s in seqs]
@@ -331,10 +358,16 @@ def test_opcheck_varlen_ops(device):
     v = torch.randn(12, H, DV, device=device)
     args = (q, k, v, plan.meta, plan.meta_host, plan.extra, plan.kind, [0, 0], 0.25)
     torch.library.opcheck(torch.ops.pargo.varlen_attention_fwd.default, args)
+    out, lse = torch.ops.pargo.varlen_attention_fwd(*args)
+    torch.library.opcheck(torch.ops.pargo.varlen_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, *args[3:]))
     pool = pk.plan_pool([0, 6, 15], [(2, 3), (3, 3)], (2, 2), device=device)
     x = torch.randn(15, 8, device=device)
     torch.library.opcheck(torch.ops.pargo.pool_tokens_varlen_fwd.default,
                           (x, pool.meta, pool.meta_host, pool.extra, pool.out_token))
+    torch.library.opcheck(torch.ops.pargo.pool_tokens_varlen_bwd.default,
+                          (torch.randn(8, 8, device=device), pool.meta, pool.meta_host,
+                           pool.extra, pool.in_token))
     torch.library.opcheck(torch.ops.pargo.pool_project_varlen_fwd.default,
                           (x, torch.randn(4, 8, device=device), torch.randn(4, device=device),
                            pool.meta, pool.meta_host, pool.extra, pool.out_token))

@@ -42,7 +42,7 @@ _NO_SPEC = ["M", "C", "NF", "n_seq", "STEPS", "KH", "KW"]
 def _find_seq(META, column, t, n_seq, STEPS, F: tl.constexpr):
     """Sequence holding position ``t`` (scalar or vector, ``0 <= t < total``): the largest
     ``s`` with ``META[s, column] <= t``, by binary search over the cumulative column (empty
-    sequences are skipped). ``STEPS = ceil(log2(n_seq))`` iterations."""
+    sequences are skipped) in ``STEPS = ceil(log2(n_seq))`` iterations."""
     lo = t * 0
     hi = lo + n_seq
     for _ in range(0, STEPS):
@@ -66,8 +66,8 @@ def _image_rows(META, rows, M, n_seq, STEPS, column, other):
 
 
 @triton.jit
-def _varlen_pooled_tile(X, META, rows, chans, M, C, n_seq, STEPS, KH, KW, sxn, sxc,
-                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _varlen_pooled_tile(X, META, rows, chans, M, C, n_seq, STEPS, KH, KW, sxn,
+                        sxc, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 tile of ``pool(x)`` for packed output rows ``rows`` (rows >= M come out as 0):
     the fixed-shape tile of one image per row, with that image's grids as vectors."""
     o, in_start, hin, win, hout, wout = _image_rows(META, rows, M, n_seq, STEPS, P_OUT_START,
@@ -169,30 +169,32 @@ def _bounds(plan, backward: bool = False) -> dict:
                 KH=ikh if backward else kh, KW=ikw if backward else kw)
 
 
+def _pool_launch(src: torch.Tensor, plan, backward: bool) -> torch.Tensor:
+    """Forward (``src = x``) or backward (``src = dy``): one gather over the other side."""
+    src_col, dst_col = ((_plan.P_OUT_START, _plan.P_IN_START) if backward else
+                        (_plan.P_IN_START, _plan.P_OUT_START))
+    plan.check_length("dy" if backward else "x", src.shape[0], src_col,
+                      "cu_seqlens_out" if backward else "cu_seqlens")
+    M, C = plan.total(dst_col), src.shape[1]
+    dst = _empty((M, C), src.dtype, src.device)
+    if M == 0 or C == 0:
+        return dst
+    cfg = pool_config(C, _interp(src))
+    kernel = _pool_varlen_bwd_kernel if backward else _pool_varlen_fwd_kernel
+    kernel[launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_C"])](
+        src, dst, plan.meta, *src.stride(), *dst.stride(), M, C, **_bounds(plan, backward),
+        **cfg)
+    return dst
+
+
 def pool_varlen_forward(x: torch.Tensor, plan) -> torch.Tensor:
     """``x [total_in, C]`` (any strides) -> ``y [total_out, C]`` contiguous."""
-    plan.check_length("x", x.shape[0], _plan.P_IN_START, "cu_seqlens")
-    M, C = plan.total(_plan.P_OUT_START), x.shape[1]
-    y = _empty((M, C), x.dtype, x.device)
-    if M == 0 or C == 0:
-        return y
-    cfg = pool_config(C, _interp(x))
-    _pool_varlen_fwd_kernel[launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_C"])](
-        x, y, plan.meta, *x.stride(), *y.stride(), M, C, **_bounds(plan), **cfg)
-    return y
+    return _pool_launch(x, plan, backward=False)
 
 
 def pool_varlen_backward(dy: torch.Tensor, plan) -> torch.Tensor:
     """``dy [total_out, C]`` -> ``dx [total_in, C]`` contiguous."""
-    plan.check_length("dy", dy.shape[0], _plan.P_OUT_START, "cu_seqlens_out")
-    M, C = plan.total(_plan.P_IN_START), dy.shape[1]
-    dx = _empty((M, C), dy.dtype, dy.device)
-    if M == 0 or C == 0:
-        return dx
-    cfg = pool_config(C, _interp(dy))
-    _pool_varlen_bwd_kernel[launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_C"])](
-        dy, dx, plan.meta, *dy.stride(), *dx.stride(), M, C, **_bounds(plan, backward=True), **cfg)
-    return dx
+    return _pool_launch(dy, plan, backward=True)
 
 
 def pool_project_varlen_forward(x, weight, bias, plan) -> torch.Tensor:

@@ -41,7 +41,8 @@ _NO_SPEC = ["total_q", "n_seq", "STEPS", "LEFT", "RIGHT"]
 # device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _sequence(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT, KIND: tl.constexpr):
+def _sequence(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT,
+              KIND: tl.constexpr):
     """Sequence of this program (axis 0 = a tile of the concatenation): its local tile index,
     offsets (int64), lengths and mask parameters."""
     t = tl.program_id(0)
@@ -66,19 +67,35 @@ def _sequence(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT, KIND: tl.
 
 
 @triton.jit
-def _varlen_query_program(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT,
-                          BLOCK_M: tl.constexpr, KIND: tl.constexpr):
-    """Prologue of a query-tile program (forward, dQ): sequence, rows (local, int64), their
-    windows and the key range ``[n_lo, n_hi)`` the tile visits."""
+def _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq,
+                          STEPS, LEFT, RIGHT, D: tl.constexpr,
+                          TILE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                          KIND: tl.constexpr):
+    """Prologue of a query-tile program (forward, dQ): the sequence's query offset and head
+    (int64), rows (local int32 indices: the window arithmetic stays 32-bit, pointer offsets
+    are int64, see ``_offsets``), their windows, the key range ``[n_lo, n_hi)`` the tile visits,
+    the Q tile and the sequence's K / V base pointers."""
     local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4 = _sequence(
         META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, KIND)
+    h = tl.program_id(1).to(tl.int64)
     m0, row_end, is_global = _query_tile(local, nq, p0, BLOCK_M, KIND)
-    rows = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
+    rows = m0 + tl.arange(0, BLOCK_M)
     valid = rows < row_end
     lo, hi, x0, x1 = _row_windows(rows, valid, is_global, nv, p0, p1, p2, p3, p4, KIND)
     n_lo = tl.min(tl.where(valid, lo, nv), 0)
     n_hi = tl.max(hi, 0)
-    return q_start, k_start, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + _offsets(q_start, rows, sqn, h, sqh) + d[None, :] * sqd,
+                mask=valid[:, None] & (d[None, :] < D), other=0.0)
+    return (q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q,
+            K + k_start * skn + h * skh, V + k_start * svn + h * svh)
+
+
+@triton.jit
+def _offsets(start, rows, s_row, h, s_head):
+    """``[len(rows), 1]`` int64 element offsets of local rows of a sequence starting at
+    ``start`` (int64), head ``h`` (int64)."""
+    return (start + rows.to(tl.int64))[:, None] * s_row + h * s_head
 
 
 @triton.jit
@@ -112,15 +129,11 @@ def _varlen_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_start, k_start, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2 = _varlen_query_program(
-        META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, BLOCK_M, KIND)
-    h = tl.program_id(1).to(tl.int64)
+    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base = \
+        _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq, STEPS,
+                              LEFT, RIGHT, D, TILE_COL, BLOCK_M, BLOCK_D, KIND)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + q_start * sqn + h * sqh + rows[:, None] * sqn + d[None, :] * sqd,
-                mask=valid[:, None] & (d[None, :] < D), other=0.0)
-    k_base = K + k_start * skn + h * skh
-    v_base = V + k_start * svn + h * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -143,7 +156,7 @@ def _varlen_fwd_kernel(
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(O + q_start * son + h * soh + rows[:, None] * son + dv[None, :] * sod,
+    tl.store(O + _offsets(q_start, rows, son, h, soh) + dv[None, :] * sod,
              (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=valid[:, None] & (dv[None, :] < DV))
     tl.store(LSE + h * total_q + q_start + rows, m_i + tl.log2(l_safe), mask=valid)
@@ -161,19 +174,15 @@ def _varlen_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, DELTA_PASS: tl.constexpr,
 ):
-    q_start, k_start, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2 = _varlen_query_program(
-        META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, BLOCK_M, KIND)
-    h = tl.program_id(1).to(tl.int64)
+    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base = \
+        _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq, STEPS,
+                              LEFT, RIGHT, D, TILE_COL, BLOCK_M, BLOCK_D, KIND)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + q_start * sqn + h * sqh + rows[:, None] * sqn + d[None, :] * sqd,
-                mask=valid[:, None] & (d[None, :] < D), other=0.0)
-    do = tl.load(DO + q_start * sdon + h * sdoh + rows[:, None] * sdon + dv[None, :] * sdod,
+    do = tl.load(DO + _offsets(q_start, rows, sdon, h, sdoh) + dv[None, :] * sdod,
                  mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
-    stat = h * total_q + q_start + rows  # LSE / DELTA index
-    lse = tl.load(LSE + stat, mask=valid, other=0.0)
-    k_base = K + k_start * skn + h * skh
-    v_base = V + k_start * svn + h * svh
+    stat = h * total_q + q_start  # LSE / DELTA row offset of the sequence (scalar)
+    lse = tl.load(LSE + stat + rows, mask=valid, other=0.0)
 
     # Pass 1 (16-bit inputs): delta = rowsum(P * dP) from the fp32 P and dP, as in the
     # fixed-shape dQ kernel (see there why not rowsum(dO * O) of the rounded O).
@@ -183,16 +192,16 @@ def _varlen_bwd_dq_kernel(
             k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
                                 lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
             delta += tl.sum(p * dp, 1)
-        tl.store(DELTA + stat, delta, mask=valid)
+        tl.store(DELTA + stat + rows, delta, mask=valid)
     else:
-        delta = tl.load(DELTA + stat, mask=valid, other=0.0)
+        delta = tl.load(DELTA + stat + rows, mask=valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
                             lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
         dq += _dot((p * (dp - delta[:, None])).to(k.dtype), k, PRECISION)
-    tl.store(DQ + q_start * sdqn + h * sdqh + rows[:, None] * sdqn + d[None, :] * sdqd,
+    tl.store(DQ + _offsets(q_start, rows, sdqn, h, sdqh) + d[None, :] * sdqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
 
 
@@ -209,14 +218,14 @@ def _varlen_bwd_dkdv_kernel(
     local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4 = _sequence(
         META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, KIND)
     h = tl.program_id(1).to(tl.int64)
-    n0 = local.to(tl.int64) * BLOCK_N
+    n0 = local * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     kv_ok = cols < nv
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + k_start * skn + h * skh + cols[:, None] * skn + d[None, :] * skd,
+    k = tl.load(K + _offsets(k_start, cols, skn, h, skh) + d[None, :] * skd,
                 mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
-    v = tl.load(V + k_start * svn + h * svh + cols[:, None] * svn + dv[None, :] * svd,
+    v = tl.load(V + _offsets(k_start, cols, svn, h, svh) + dv[None, :] * svd,
                 mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
     q_lo, q_hi = _key_tile_queries(n0, tl.minimum(n0 + BLOCK_N, nv) - 1, nq, nv,
                                    p0, p1, p2, p3, p4, KIND)
@@ -231,13 +240,13 @@ def _varlen_bwd_dkdv_kernel(
                             delta_base, sqn, sqd, sdon, sdod, nv, p0, p1, p2, p3, p4, qk_scale,
                             D, DV, KIND, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
     if KIND != 2:  # every global query sees every key of its sequence
-        dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, p0.to(tl.int64), nq, True, q_base,
+        dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, p0, nq, True, q_base,
                                 do_base, lse_base, delta_base, sqn, sqd, sdon, sdod, nv,
                                 p0, p1, p2, p3, p4, qk_scale, D, DV, KIND, BLOCK_M, BLOCK_D,
                                 BLOCK_DV, PRECISION)
-    tl.store(DK + k_start * sdkn + h * sdkh + cols[:, None] * sdkn + d[None, :] * sdkd,
+    tl.store(DK + _offsets(k_start, cols, sdkn, h, sdkh) + d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None] & (d[None, :] < D))
-    tl.store(DV_ + k_start * sdvn + h * sdvh + cols[:, None] * sdvn + dv[None, :] * sdvd,
+    tl.store(DV_ + _offsets(k_start, cols, sdvn, h, sdvh) + dv[None, :] * sdvd,
              dv_acc.to(DV_.dtype.element_ty), mask=kv_ok[:, None] & (dv[None, :] < DV))
 
 
@@ -252,6 +261,22 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 def check_lengths(plan, q: torch.Tensor, k: torch.Tensor) -> None:
     plan.check_length("q", q.shape[0], _plan.A_Q_START, "cu_seqlens_q")
     plan.check_length("k", k.shape[0], _plan.A_K_START, "cu_seqlens_k")
+
+
+# Where the varlen kernels' extra per-sequence scalars (offsets, lengths, mask parameters) make
+# the fixed-shape tile configuration spill on sm_80 (`python -m pargo_kernels.aot --filter
+# varlen`): (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_OVERRIDES = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1),
+              ("dq", "fp32", 128): (16, 16, 4, 1), ("dkdv", "fp32", 128): (16, 16, 4, 1)}
+
+
+def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
+    """Launch configuration of a varlen kernel: the fixed-shape one unless overridden."""
+    key = (kernel, "fp32" if dtype == torch.float32 else "16bit", block_d)
+    if key in _OVERRIDES:
+        m, n, warps, stages = _OVERRIDES[key]
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    return tile_config(kernel, block_d, dtype)
 
 
 def _scalars(plan, kind: int, window) -> dict:
@@ -271,7 +296,7 @@ def varlen_forward(q, k, v, plan, kind: int, window, scale: float):
     if H == 0:
         return out, lse
     block_d, block_dv = block_dims(D, DV)
-    cfg = tile_config("fwd", max(block_d, block_dv), q.dtype)
+    cfg = varlen_tile_config("fwd", max(block_d, block_dv), q.dtype)
     _varlen_fwd_kernel[(plan.tiles(_plan.A_QTILES, cfg["BLOCK_M"]), H)](
         q, k, v, out, lse, plan.meta, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         total_q, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -302,12 +327,12 @@ def varlen_backward(do, q, k, v, out, lse, plan, kind: int, window, scale: float
     common = dict(qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"),
                   **_scalars(plan, kind, window))
-    cfg = tile_config("dq", max(block_d, block_dv), q.dtype)
+    cfg = varlen_tile_config("dq", max(block_d, block_dv), q.dtype)
     _varlen_bwd_dq_kernel[(plan.tiles(_plan.A_QTILES, cfg["BLOCK_M"]), H)](
         q, k, v, do, lse, delta, dq, plan.meta, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dq.stride(), total_q, DELTA_PASS=delta_pass,
         TILE_COL=_plan.A_QTILES + _plan.TILE_SIZES.index(cfg["BLOCK_M"]), **common, **cfg)
-    cfg = tile_config("dkdv", max(block_d, block_dv), q.dtype)
+    cfg = varlen_tile_config("dkdv", max(block_d, block_dv), q.dtype)
     _varlen_bwd_dkdv_kernel[(plan.tiles(_plan.A_KTILES, cfg["BLOCK_N"]), H)](
         q, k, v, do, lse, delta, dk, dv, plan.meta, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), total_q,
@@ -329,7 +354,7 @@ def aot_specs():
                 for kernel, which, col in ((_varlen_fwd_kernel, "fwd", _plan.A_QTILES),
                                            (_varlen_bwd_dq_kernel, "dq", _plan.A_QTILES),
                                            (_varlen_bwd_dkdv_kernel, "dkdv", _plan.A_KTILES)):
-                    cfg = tile_config(which, block_d, dtype)
+                    cfg = varlen_tile_config(which, block_d, dtype)
                     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                     block = cfg["BLOCK_N" if which == "dkdv" else "BLOCK_M"]
                     constexprs = dict(D=block_d, DV=block_d, KIND=kind, BLOCK_D=block_d,
