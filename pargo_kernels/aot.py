@@ -24,8 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 # Modules that define ``aot_specs()``; each new kernel module adds itself here.
-KERNEL_MODULES = ["pargo_kernels.ops.attention_triton", "pargo_kernels.ops.pool_triton",
-                  "pargo_kernels.ops.varlen_triton", "pargo_kernels.ops.varlen_pool_triton"]
+KERNEL_MODULES = ["pargo_kernels.ops.attention_triton", "pargo_kernels.ops.pool_triton"]
 
 
 @dataclass

@@ -209,8 +209,8 @@ def pool_project_varlen_forward(x, weight, bias, plan) -> torch.Tensor:
         return y
     cfg = gemm_config(x.dtype, _interp(x))
     _pool_proj_varlen_fwd_kernel[launch_grid(M, NF, cfg["BLOCK_M"], cfg["BLOCK_N"])](
-        x, weight, bias if bias is not None else weight, y, plan.meta, *x.stride(), *weight.stride(),
-        *y.stride(), M, C, NF, **_bounds(plan), HAS_BIAS=bias is not None,
+        x, weight, bias if bias is not None else weight, y, plan.meta, *x.stride(),
+        *weight.stride(),        *y.stride(), M, C, NF, **_bounds(plan), HAS_BIAS=bias is not None,
         PRECISION=_precision(x.dtype, _interp(x)), **cfg)
     return y
 

@@ -258,9 +258,20 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def check_lengths(plan, q: torch.Tensor, k: torch.Tensor) -> None:
+def check_lengths(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Tensor lengths against the plan; and, because the shared tile helpers of
+    attention_triton index a sequence's rows with 32-bit ``local row * row stride`` (the
+    sequence start itself is int64 here), the longest sequence times each row stride must fit
+    in int32: refused with a ValueError rather than wrapped around."""
     plan.check_length("q", q.shape[0], _plan.A_Q_START, "cu_seqlens_q")
     plan.check_length("k", k.shape[0], _plan.A_K_START, "cu_seqlens_k")
+    max_q, max_k = (int(n) for n in plan.extra.tolist())
+    rows_of = {"q": (max_q, q), "k": (max_k, k), "v": (max_k, v), "out": (max_q, v)}
+    for name, (n, t) in rows_of.items():  # out / dout: [total_q, H, Dv], contiguous or as v
+        if n * max(t.stride(0), t.shape[1] * t.shape[2]) >= 2**31:
+            raise ValueError(f"a sequence of {n} tokens with {name} rows of "
+                             f"{max(t.stride(0), t.shape[1] * t.shape[2])} elements exceeds "
+                             "32-bit offsets within one sequence; split the sequence")
 
 
 # Where the varlen kernels' extra per-sequence scalars (offsets, lengths, mask parameters) make
@@ -288,7 +299,7 @@ def _scalars(plan, kind: int, window) -> dict:
 
 def varlen_forward(q, k, v, plan, kind: int, window, scale: float):
     """Returns ``(out [total_q, H, Dv] contiguous, lse [H, total_q] fp32, base 2)``."""
-    check_lengths(plan, q, k)
+    check_lengths(plan, q, k, v)
     total_q, H, D = q.shape
     DV = v.shape[2]
     out = _empty((total_q, H, DV), q.dtype, q.device)
@@ -308,7 +319,7 @@ def varlen_forward(q, k, v, plan, kind: int, window, scale: float):
 
 def varlen_backward(do, q, k, v, out, lse, plan, kind: int, window, scale: float):
     """Returns ``(dq, dk, dv)``, contiguous, in the dtype of the inputs."""
-    check_lengths(plan, q, k)
+    check_lengths(plan, q, k, v)
     total_q, H, D = q.shape
     DV = v.shape[2]
     dq = _empty(q.shape, q.dtype, q.device)
