@@ -36,7 +36,7 @@ from . import _backend
 from ._validate import check_same, check_scale, check_tensor
 from .attention import MAX_HEAD_DIM
 from .masks import KIND_BAND, KIND_PG1D, KIND_PG2D, BandMask, PartialGlobalMask
-from .pooling import pool_project_reference, pool_tokens_reference
+from .pooling import check_projection, pool_project_reference, pool_tokens_reference
 from .reference import masked_attention
 from .varlen_plan import (A_K_START, A_NQ, A_NV, A_P0, A_Q_START, KIND_POOL, P_HIN, P_HOUT,
                           P_IN_START, P_WIN, P_WOUT, VarlenPlan, plan_band,
@@ -415,18 +415,7 @@ def adaptive_avg_pool_project_varlen(x: Tensor, weight: Tensor, bias: Optional[T
     in :func:`adaptive_avg_pool_tokens_varlen`. Returns ``(y [total_out, F], cu_seqlens_out)``.
     """
     check_tensor("x", x, 2)
-    check_tensor("weight", weight, 2)
-    if bias is not None:
-        check_tensor("bias", bias, 1)
-        check_same(("x", "weight", "bias"), (x, weight, bias))
-    else:
-        check_same(("x", "weight"), (x, weight))
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight has {weight.shape[1]} in-features but x has {x.shape[1]} "
-                         "channels (weight must be [out_features, C])")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
-                         "out-features")
+    check_projection(x, weight, bias)
     plan = _pool_plan(x, cu_seqlens, in_grids, out_grids, plan)
     chosen = _choose("adaptive_avg_pool_project_varlen", x, backend)
     if chosen == "reference":

@@ -8,7 +8,7 @@ the per-image offsets and grids are one int32 row each of the plan's metadata
 (backward) row: a row finds its image by a binary search over the offsets, then takes its
 window from the image's own grids. A tile of rows may span images (each row reads only its own
 image), so no program idles on a small image. The fixed-shape helpers of
-:mod:`pool_triton` (``_pooled_tile``, ``_window``) do the window arithmetic, with per-row
+:mod:`pool_triton` (``_pooled_tile``, ``_unpooled_tile``) do the window arithmetic, with per-row
 (vector) grids; the fused projection's backward reuses the fixed-shape GEMM kernels on the
 packed rows as one "image" of ``total_out`` rows.
 """
@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import varlen_plan as _plan
 from .attention_triton import _dot, _precision
 from .pool_triton import (_TL_DTYPE, _pool_proj_dp_kernel, _pool_proj_dw_kernel, _pooled_tile,
-                          _window, gemm_config, launch_grid, pool_config)
+                          _unpooled_tile, gemm_config, launch_grid, pool_config)
 
 # metadata columns, as constexprs for the kernels
 P_IN_START = tl.constexpr(_plan.P_IN_START)
@@ -108,32 +108,20 @@ def _pool_varlen_bwd_kernel(
     c_ok = chans < C
     t, out_start, hin, win, hout, wout = _image_rows(META, rows, M, n_seq, STEPS, P_IN_START,
                                                      P_OUT_START)
-    oy0, oy1 = _window(t // win, hout, hin)  # the inverse window map: sizes swapped
-    ox0, ox1 = _window(t % win, wout, win)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    for ky in range(0, KH):
-        oy = oy0 + ky
-        y0, y1 = _window(oy, hin, hout)
-        for kx in range(0, KW):
-            ox = ox0 + kx
-            x0, x1 = _window(ox, win, wout)
-            ok = row_ok & (oy < oy1) & (ox < ox1)
-            inv = 1.0 / tl.maximum((y1 - y0) * (x1 - x0), 1).to(tl.float32)
-            cell = out_start + oy * wout + ox
-            g = tl.load(DY + cell[:, None] * sdyn + chans[None, :] * sdyc,
-                        mask=ok[:, None] & c_ok[None, :], other=0.0)
-            acc += g.to(tl.float32) * inv[:, None]
+    acc = _unpooled_tile(DY + out_start * sdyn, t, row_ok, chans, c_ok, hin, win, hout, wout,
+                         KH, KW, sdyn, sdyc, BLOCK_M, BLOCK_C)
     tl.store(DX + rows.to(tl.int64)[:, None] * sdxn + chans[None, :] * sdxc,
              acc.to(DX.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _pool_proj_varlen_fwd_kernel(
-    X, W, BIAS, Y, META, sxn, sxc, swn, swc, syn, syc, M, C, NF, n_seq, STEPS, KH, KW,
+    X, W, BIAS, Y, META, sxn, sxc, swn, swc, sbc, syn, syc, M, C, NF, n_seq, STEPS, KH, KW,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``y[m, f] = sum_c pool(x)[m, c] * W[f, c] (+ bias[f])``, pooling in the A-tile load."""
+    """``y[m, f] = sum_c pool(x)[m, c] * W[f, c] (+ bias[f])``, pooling in the A-tile load;
+    ``sbc``: the stride of ``bias`` (any, 0 for an expanded one)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     f_ok = feats < NF
@@ -146,7 +134,7 @@ def _pool_proj_varlen_fwd_kernel(
                     mask=f_ok[None, :] & (chans < C)[:, None], other=0.0)
         acc += _dot(a, w, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(BIAS + feats, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + feats * sbc, mask=f_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows.to(tl.int64)[:, None] * syn + feats[None, :] * syc,
              acc.to(Y.dtype.element_ty), mask=(rows < M)[:, None] & f_ok[None, :])
 
@@ -210,7 +198,8 @@ def pool_project_varlen_forward(x, weight, bias, plan) -> torch.Tensor:
     cfg = gemm_config(x.dtype, _interp(x))
     _pool_proj_varlen_fwd_kernel[launch_grid(M, NF, cfg["BLOCK_M"], cfg["BLOCK_N"])](
         x, weight, bias if bias is not None else weight, y, plan.meta, *x.stride(),
-        *weight.stride(),        *y.stride(), M, C, NF, **_bounds(plan), HAS_BIAS=bias is not None,
+        *weight.stride(), bias.stride(0) if bias is not None else 0, *y.stride(), M, C, NF,
+        **_bounds(plan), HAS_BIAS=bias is not None,
         PRECISION=_precision(x.dtype, _interp(x)), **cfg)
     return y
 
@@ -238,7 +227,8 @@ def pool_project_varlen_backward(dy, x, weight, has_bias: bool, plan):
         dy, p, dw, db if has_bias else dw, *dy_strides, *p.stride(), *dw.stride(), M, C, NF, M,
         HAS_BIAS=has_bias, PRECISION=prec, **cfg)
     dp = _empty((M, C), x.dtype, x.device)
-    _pool_proj_dp_kernel[launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_N"])](
+    row_tiles, col_tiles = launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    _pool_proj_dp_kernel[(row_tiles * col_tiles,)](  # 1-D, row-major (see the kernel)
         dy, weight, dp, *dy_strides, *weight.stride(), *dp.stride(), M, C, NF, M,
         PRECISION=prec, **cfg)
     return pool_varlen_backward(dp, plan), dw, db

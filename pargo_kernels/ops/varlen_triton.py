@@ -22,9 +22,10 @@ import triton.language as tl
 
 from .. import varlen_plan as _plan
 from ..masks import KIND_BAND, KIND_PG1D, KIND_PG2D
-from .attention_triton import (LOG2E, _TL_DTYPE, _allowed, _attn_bwd_delta_kernel, _dkdv_rows,
-                               _dot, _dq_tile, _precision, _query_tile, _row_windows, block_dims,
-                               delta_block_m, tile_config)
+from . import attention_plan as _aplan
+from .attention_plan import block_dims, delta_block_m, tile_config
+from .attention_triton import (LOG2E, _TL_DTYPE, _attn_bwd_delta_kernel, _delta_pass, _dkdv_rows,
+                               _dq_pass, _fwd_pass, _precision, _row_windows)
 from .varlen_pool_triton import _find_seq
 
 A_Q_START = tl.constexpr(_plan.A_Q_START)
@@ -64,6 +65,23 @@ def _sequence(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT,
         p4 = tl.load(row + A_P0 + 4)
     return (t - tl.load(row + TILE_COL), tl.load(row + A_Q_START).to(tl.int64),
             tl.load(row + A_K_START).to(tl.int64), nq, nv, p0, p1, p2, p3, p4)
+
+
+@triton.jit
+def _query_tile(local, nq, P0, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
+    """Query tile ``local`` of a sequence: (first row, end of its row segment, is it a global
+    tile). Partial-global masks put partial tiles first (rows ``[0, Np)``), then global tiles
+    (rows ``[Np, Nq)``), so no tile mixes the two kinds; a band has one segment."""
+    if KIND == 2:
+        n_seg = nq
+    else:
+        n_seg = P0
+    n_ptiles = tl.cdiv(n_seg, BLOCK_M)
+    is_global = local >= n_ptiles
+    g = is_global.to(tl.int32)
+    m0 = local * BLOCK_M + g * (n_seg - n_ptiles * BLOCK_M)
+    row_end = n_seg + g * (nq - n_seg)
+    return m0, row_end, is_global
 
 
 @triton.jit
@@ -134,30 +152,11 @@ def _varlen_fwd_kernel(
                               LEFT, RIGHT, D, TILE_COL, BLOCK_M, BLOCK_D, KIND)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = cols < n_hi
-        kt = tl.load(k_base + cols[None, :] * skn + d[:, None] * skd,
-                     mask=kv_ok[None, :] & (d[:, None] < D), other=0.0)
-        s = _dot(q, kt, PRECISION) * qk_scale
-        s = tl.where(_allowed(cols, lo, hi, x0, x1, p2, KIND), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + dv[None, :] * svd,
-                    mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o, m_i, l_safe = _fwd_pass(q, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi,
+                               x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_DV, KIND,
+                               PRECISION)
     tl.store(O + _offsets(q_start, rows, son, h, soh) + dv[None, :] * sod,
-             (acc / l_safe[:, None]).to(O.dtype.element_ty),
+             o.to(O.dtype.element_ty),
              mask=valid[:, None] & (dv[None, :] < DV))
     tl.store(LSE + h * total_q + q_start + rows, m_i + tl.log2(l_safe), mask=valid)
 
@@ -187,22 +186,15 @@ def _varlen_bwd_dq_kernel(
     # Pass 1 (16-bit inputs): delta = rowsum(P * dP) from the fp32 P and dP, as in the
     # fixed-shape dQ kernel (see there why not rowsum(dO * O) of the rounded O).
     if DELTA_PASS:
-        delta = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
-                                lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
-            delta += tl.sum(p * dp, 1)
+        delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd,
+                            lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, KIND, PRECISION)
         tl.store(DELTA + stat + rows, delta, mask=valid)
     else:
         delta = tl.load(DELTA + stat + rows, mask=valid, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
-                            lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
-        dq += _dot((p * (dp - delta[:, None])).to(k.dtype), k, PRECISION)
+    dq = _dq_pass(q, do, lse, delta, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi,
+                  x0, x1, p2, qk_scale, sm_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_D, KIND, PRECISION)
     tl.store(DQ + _offsets(q_start, rows, sdqn, h, sdqh) + d[None, :] * sdqd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
+             dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -259,35 +251,46 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def check_lengths(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Tensor lengths against the plan; and, because the shared tile helpers of
-    attention_triton index a sequence's rows with 32-bit ``local row * row stride`` (the
-    sequence start itself is int64 here), the longest sequence times each row stride must fit
-    in int32: refused with a ValueError rather than wrapped around."""
+    """Tensor lengths against the plan. Row offsets are 64-bit everywhere (the sequence start
+    and the local rows of the shared helpers), so no sequence length is refused for its
+    strides."""
     plan.check_length("q", q.shape[0], _plan.A_Q_START, "cu_seqlens_q")
     plan.check_length("k", k.shape[0], _plan.A_K_START, "cu_seqlens_k")
-    max_q, max_k = (int(n) for n in plan.extra.tolist())
-    rows_of = {"q": (max_q, q), "k": (max_k, k), "v": (max_k, v), "out": (max_q, v)}
-    for name, (n, t) in rows_of.items():  # out / dout: [total_q, H, Dv], contiguous or as v
-        if n * max(t.stride(0), t.shape[1] * t.shape[2]) >= 2**31:
-            raise ValueError(f"a sequence of {n} tokens with {name} rows of "
-                             f"{max(t.stride(0), t.shape[1] * t.shape[2])} elements exceeds "
-                             "32-bit offsets within one sequence; split the sequence")
 
 
-# Where the varlen kernels' extra per-sequence scalars (offsets, lengths, mask parameters) make
-# the fixed-shape tile configuration spill on sm_80 (`python -m pargo_kernels.aot --filter
-# varlen`): (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
-_OVERRIDES = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1),
-              ("dq", "fp32", 128): (16, 16, 4, 1), ("dkdv", "fp32", 128): (16, 16, 4, 1)}
+# Per-arch varlen tiles where the fixed-shape table (attention_plan.tile_config, itself per
+# arch) spills in the varlen kernels, whose per-sequence scalars (offsets, lengths, mask
+# parameters) hold extra registers; found by `python -m pargo_kernels.aot --arch 80 90 --filter
+# varlen`. (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_SM80 = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1),
+         ("dq", "fp32", 128): (16, 16, 4, 1), ("dkdv", "fp32", 128): (16, 16, 4, 1)}
+_ARCH_OVERRIDES = {75: _SM80, 80: _SM80, 86: _SM80, 89: _SM80}
 
 
-def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Launch configuration of a varlen kernel: the fixed-shape one unless overridden."""
+def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype,
+                       arch: int = _aplan.DEFAULT_ARCH) -> dict:
+    """Launch configuration of a varlen kernel on ``sm_<arch>``: the fixed-shape one unless
+    overridden for that arch."""
     key = (kernel, "fp32" if dtype == torch.float32 else "16bit", block_d)
-    if key in _OVERRIDES:
-        m, n, warps, stages = _OVERRIDES[key]
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
-    return tile_config(kernel, block_d, dtype)
+    override = _ARCH_OVERRIDES.get(arch, {}).get(key)
+    if override is None:
+        return tile_config(kernel, block_d, dtype, arch)
+    m, n, warps, stages = override
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+def _arch(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return major * 10 + minor
+    return _aplan.DEFAULT_ARCH
+
+
+def _delta_schedule(tiles: int, block_m: int, device) -> torch.Tensor:
+    """The fixed-shape delta kernel's table (first row of each row tile, ``ENTRY`` ints)."""
+    table = torch.zeros((tiles, _aplan.ENTRY), dtype=torch.int32)
+    table[:, 0] = torch.arange(tiles, dtype=torch.int32) * block_m
+    return table.to(device)
 
 
 def _scalars(plan, kind: int, window) -> dict:
@@ -307,7 +310,7 @@ def varlen_forward(q, k, v, plan, kind: int, window, scale: float):
     if H == 0:
         return out, lse
     block_d, block_dv = block_dims(D, DV)
-    cfg = varlen_tile_config("fwd", max(block_d, block_dv), q.dtype)
+    cfg = varlen_tile_config("fwd", max(block_d, block_dv), q.dtype, _arch(q))
     _varlen_fwd_kernel[(plan.tiles(_plan.A_QTILES, cfg["BLOCK_M"]), H)](
         q, k, v, out, lse, plan.meta, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         total_q, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -332,18 +335,21 @@ def varlen_backward(do, q, k, v, out, lse, plan, kind: int, window, scale: float
     delta_pass = q.dtype != torch.float32
     if not delta_pass:  # rowsum(O * dO): the fixed-shape kernel on [1, H, total_q, Dv] views
         block_m = delta_block_m(block_dv)
-        _attn_bwd_delta_kernel[(H, triton.cdiv(total_q, block_m))](
-            out, do, delta, 0, out.stride(1), out.stride(0), out.stride(2), 0, do.stride(1),
-            do.stride(0), do.stride(2), H, total_q, DV=DV, BLOCK_M=block_m, BLOCK_DV=block_dv)
+        tiles = triton.cdiv(total_q, block_m)
+        sched = _delta_schedule(tiles, block_m, q.device)
+        _attn_bwd_delta_kernel[(H * tiles,)](
+            sched, tiles, out, do, delta, 0, out.stride(1), out.stride(0), out.stride(2), 0,
+            do.stride(1), do.stride(0), do.stride(2), H, total_q, DV=DV, BLOCK_M=block_m,
+            BLOCK_DV=block_dv)
     common = dict(qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_D=block_d,
                   BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"),
                   **_scalars(plan, kind, window))
-    cfg = varlen_tile_config("dq", max(block_d, block_dv), q.dtype)
+    cfg = varlen_tile_config("dq", max(block_d, block_dv), q.dtype, _arch(q))
     _varlen_bwd_dq_kernel[(plan.tiles(_plan.A_QTILES, cfg["BLOCK_M"]), H)](
         q, k, v, do, lse, delta, dq, plan.meta, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dq.stride(), total_q, DELTA_PASS=delta_pass,
         TILE_COL=_plan.A_QTILES + _plan.TILE_SIZES.index(cfg["BLOCK_M"]), **common, **cfg)
-    cfg = varlen_tile_config("dkdv", max(block_d, block_dv), q.dtype)
+    cfg = varlen_tile_config("dkdv", max(block_d, block_dv), q.dtype, _arch(q))
     _varlen_bwd_dkdv_kernel[(plan.tiles(_plan.A_KTILES, cfg["BLOCK_N"]), H)](
         q, k, v, do, lse, delta, dk, dv, plan.meta, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), total_q,
