@@ -430,3 +430,52 @@ def test_plan_and_backend_validation():
     with pytest.raises(ValueError, match=r"cu_seqlens must hold n_seq \+ 1 >= 2 offsets"):
         pk.band_attention_varlen(q, k, v, [0], (1, 1))
     assert varlen_plan.VarlenPlan is pk.VarlenPlan
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.parametrize("mode", ["pg1d", "band"])
+def test_offsets_past_int32_within_a_sequence(mode, monkeypatch):
+    """q, k, v, dout: views of a packed [total, 4, 1, D] layout with token stride 2^30 + 64
+    elements, 2^31 elements into the buffer; sequence 1 (local rows 0..2) has local row 2 at
+    2^31 + 128 elements from its start: a 32-bit local offset wraps (wrong data, not a crash).
+    As tests/test_attention_plan.py::test_offsets_past_int32, for the packed ops."""
+    from triton.runtime import interpreter  # the host copy is the tensor (see there)
+    monkeypatch.setattr(interpreter.GridExecutor, "_restore_args_dev", lambda *a, **k: None)
+    seqs = [(1, 1, 1), (3, 3, 2)]  # (Nq, Nv, Np)
+    total, dtype = 4, torch.float16
+    stride, base = 2**30 + 64, 2**31
+    buf = torch.empty(base + (total - 1) * stride + 4 * D, dtype=dtype)  # virtual, sparse
+    views = [torch.as_strided(buf, (total, 1, D), (stride, 0, 1), base + i * D)
+             for i in range(4)]
+    for view in views:
+        view.copy_(torch.randn(total, 1, D).to(dtype))
+    q, k, v, grad = views
+    cu = [0, 1, 4]
+    if mode == "band":
+        def packed(q_, k_, v_):
+            return pk.band_attention_varlen(q_, k_, v_, cu, (0, 1), backend="triton")
+
+        def fixed(q_, k_, v_):
+            return pk.band_attention(q_, k_, v_, (0, 1), backend="reference")
+    else:
+        def packed(q_, k_, v_):
+            return pk.partial_global_attention_varlen(q_, k_, v_, cu, cu, [1, 2],
+                                                      backend="triton")
+
+        def fixed(q_, k_, v_, np_=None):
+            return pk.partial_global_attention(q_, k_, v_, np_, backend="reference")
+
+    def oracle(q_, k_, v_):
+        outs = []
+        for i, (_, _, np_) in enumerate(seqs):
+            sl = [t[cu[i]:cu[i + 1]].transpose(0, 1)[None] for t in (q_, k_, v_)]
+            o = fixed(*sl) if mode == "band" else fixed(*sl, np_=np_)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    out, grads = _grads(packed, (q, k, v), grad.contiguous())
+    ref, ref_grads = _grads(oracle, [t.contiguous() for t in (q, k, v)], grad.contiguous(),
+                            torch.float64)
+    _check("out", out, ref, dtype, mode)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _check(name, g, r, dtype, mode)
