@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._transforms import autocast_like_sdpa, no_double_backward, refuse_functorch, register_autocast
 from ._validate import check_same, check_scale, check_tensor
 from .attention import MAX_HEAD_DIM
 from .masks import KIND_BAND, KIND_PG1D, KIND_PG2D, BandMask, PartialGlobalMask
@@ -83,6 +84,9 @@ def _attn_fwd_fake(q, k, v, meta, meta_host, extra, kind, window, scale):
 def _attn_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  meta: Tensor, meta_host: Tensor, extra: Tensor, kind: int, window: list[int],
                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # A row whose scores are all -inf has LSE = -inf; +inf makes its P = 0: zero gradients, as
+    # the fixed-shape op and F.scaled_dot_product_attention (its output is 0 already).
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     return _attn_triton().varlen_backward(dout, q, k, v, out, lse,
                                           _view(kind, meta, meta_host, extra), kind, window,
                                           scale)
@@ -107,6 +111,8 @@ def _attn_backward(ctx, dout, _dlse):
 
 
 _attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+no_double_backward(_attn_bwd_op, "partial_global_attention_varlen / band_attention_varlen")
+register_autocast(torch.ops.pargo.varlen_attention_fwd.default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +191,9 @@ def _proj_backward(ctx, dy):
 
 
 _proj_fwd_op.register_autograd(_proj_backward, setup_context=_proj_setup)
+no_double_backward(_pool_bwd_op, "adaptive_avg_pool_tokens_varlen")
+no_double_backward(_proj_bwd_op, "adaptive_avg_pool_project_varlen")
+register_autocast(torch.ops.pargo.pool_project_varlen_fwd.default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +268,7 @@ def _run_attention(op: str, q, k, v, plan: VarlenPlan, kind: int, window, scale,
         plan.check_length("k", k.shape[0], A_K_START, "cu_seqlens_k")
     if chosen == "reference":
         return _attention_reference(q, k, v, plan, kind, window, scale)
+    refuse_functorch(op, chosen)
     out, _ = _attn_fwd_op(q, k, v, plan.meta, plan.meta_host, plan.extra, kind,
                           [int(w) for w in window], scale)
     return out
@@ -281,6 +291,7 @@ def _attention_reference(q, k, v, plan: VarlenPlan, kind: int, window, scale):
     return torch.cat(outs, 0)
 
 
+@autocast_like_sdpa("q", "k", "v")
 def partial_global_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q=None,
                                     cu_seqlens_k=None, n_partial=None, *, visual_grids=None,
                                     partial_grids=None, scale: Optional[float] = None,
@@ -325,6 +336,7 @@ def partial_global_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_
                           check_scale(scale, q.shape[2]), backend)
 
 
+@autocast_like_sdpa("q", "k", "v")
 def band_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, window=None, *,
                           scale: Optional[float] = None, backend: str = "auto",
                           plan: Optional[VarlenPlan] = None) -> Tensor:
@@ -402,10 +414,12 @@ def adaptive_avg_pool_tokens_varlen(x: Tensor, cu_seqlens=None, in_grids=None, o
     chosen = _choose("adaptive_avg_pool_tokens_varlen", x, backend)
     if chosen == "reference":
         return _pool_reference(x, plan), plan.cu_seqlens_out
+    refuse_functorch("adaptive_avg_pool_tokens_varlen", chosen)
     return (_pool_fwd_op(x, plan.meta, plan.meta_host, plan.extra, plan.out_token),
             plan.cu_seqlens_out)
 
 
+@autocast_like_sdpa("x", "weight", "bias")  # as F.linear; the pooling alone is not cast
 def adaptive_avg_pool_project_varlen(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                                      cu_seqlens=None, in_grids=None, out_grids=None, *,
                                      backend: str = "auto", plan: Optional[VarlenPlan] = None):
@@ -420,6 +434,7 @@ def adaptive_avg_pool_project_varlen(x: Tensor, weight: Tensor, bias: Optional[T
     chosen = _choose("adaptive_avg_pool_project_varlen", x, backend)
     if chosen == "reference":
         return _pool_reference(x, plan, (weight, bias)), plan.cu_seqlens_out
+    refuse_functorch("adaptive_avg_pool_project_varlen", chosen)
     return (_proj_fwd_op(x, weight, bias, plan.meta, plan.meta_host, plan.extra, plan.out_token),
             plan.cu_seqlens_out)
 

@@ -479,3 +479,74 @@ def test_offsets_past_int32_within_a_sequence(mode, monkeypatch):
     _check("out", out, ref, dtype, mode)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         _check(name, g, r, dtype, mode)
+
+
+# --------------------------------------------------------------------------------------------
+# edge semantics, autocast, torch.func: as the fixed-shape ops (tests/test_edge_semantics.py)
+# --------------------------------------------------------------------------------------------
+def _per_sequence(fixed, cu, *tensors):
+    outs = []
+    for i in range(len(cu) - 1):
+        sl = [t[cu[i]:cu[i + 1]].transpose(0, 1)[None] for t in tensors]
+        outs.append(fixed(i, *sl)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_with_all_scores_minus_inf_are_zero(dtype, device):
+    """q[row, :, 0] = -inf, k[:, :, 0] > 0: every score of the row is -inf (a partial row of
+    sequence 0, a global row of sequence 1). Output 0 and dq 0 for those rows, out / dq / dv
+    equal to the fixed-shape op's on each sequence (whose semantics are SDPA's)."""
+    cu, n_partial = [0, 3, 6], [2, 1]
+    q, k, v = (torch.randn(6, H, D, device=device).to(dtype) for _ in range(3))
+    k[..., 0] = k[..., 0].abs() + 0.5
+    rows = [1, 5]
+    q[rows, :, 0] = float("-inf")
+    grad = torch.randn(6, H, D, device=device).to(dtype)
+    got = _grads(lambda a, b, c: pk.partial_global_attention_varlen(
+        a, b, c, cu, cu, n_partial, backend="triton"), (q, k, v), grad)
+    ref = _grads(lambda a, b, c: _per_sequence(
+        lambda i, *sl: pk.partial_global_attention(*sl, n_partial[i], backend="triton"), cu,
+        a, b, c), (q, k, v), grad)
+    assert torch.equal(got[0][rows], torch.zeros_like(got[0][rows]))
+    assert torch.equal(got[1][0][rows], torch.zeros_like(got[1][0][rows]))
+    for name, g, r in (("out", got[0], ref[0]), ("dq", got[1][0], ref[1][0]),
+                       ("dv", got[1][2], ref[1][2]), ("dk[..., 1:]", got[1][1][..., 1:],
+                                                       ref[1][1][..., 1:])):
+        assert torch.isfinite(g).all(), name
+        _check(name, g, r, dtype, "minus-inf rows")
+
+
+def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
+    """Under torch.autocast(bfloat16) mixed fp32/fp16 inputs run in bfloat16 (attention and the
+    projection; the pooling alone is not cast); jacrev and double backward on the kernel backend
+    raise NotImplementedError."""
+    cu = [0, 2, 5]
+    q = torch.randn(5, H, D, device=device)
+    k = torch.randn(5, H, D, device=device).half()
+    v = torch.randn(5, H, D, device=device)
+    x = torch.randn(10, 8, device=device)
+    w = torch.randn(6, 8, device=device)
+    pool = dict(cu_seqlens=[0, 4, 10], in_grids=[(2, 2), (2, 3)], out_grids=[(1, 1), (1, 2)])
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = pk.band_attention_varlen(q, k, v, cu, (1, 0), backend="triton")
+        y, _ = pk.adaptive_avg_pool_project_varlen(x, w, None, **pool, backend="triton")
+        p, _ = pk.adaptive_avg_pool_tokens_varlen(x, **pool, backend="triton")
+    ref = pk.band_attention_varlen(*(t.bfloat16() for t in (q, k, v)), cu, (1, 0),
+                                   backend="triton")
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert y.dtype == torch.bfloat16 and p.dtype == torch.float32
+    calls = {
+        "attention": (lambda t: pk.partial_global_attention_varlen(
+            t, q, v, cu, cu, 1, backend="triton"), q),
+        "pool": (lambda t: pk.adaptive_avg_pool_tokens_varlen(t, **pool, backend="triton")[0], x),
+        "pool_project": (lambda t: pk.adaptive_avg_pool_project_varlen(
+            t, w, None, **pool, backend="triton")[0], x),
+    }
+    for name, (fn, inp) in calls.items():
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms .*'triton'"):
+            torch.func.jacrev(fn)(inp)
+        leaf = inp.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(leaf).square().sum(), leaf, create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            g.sum().backward()
