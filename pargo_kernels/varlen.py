@@ -35,15 +35,15 @@ from torch import Tensor
 from . import _backend
 from ._transforms import autocast_like_sdpa, no_double_backward, refuse_functorch, register_autocast
 from ._validate import check_same, check_scale, check_tensor
-from .attention import MAX_HEAD_DIM
+from .attention import _triton_reasons as _attention_triton_reasons
 from .masks import KIND_BAND, KIND_PG1D, KIND_PG2D, BandMask, PartialGlobalMask
+from .pooling import _triton_reasons as _pool_triton_reasons
 from .pooling import check_projection, pool_project_reference, pool_tokens_reference
 from .reference import masked_attention
 from .varlen_plan import (A_K_START, A_NQ, A_NV, A_P0, A_Q_START, KIND_POOL, P_HIN, P_HOUT,
                           P_IN_START, P_WIN, P_WOUT, VarlenPlan, plan_band,
                           plan_partial_global, plan_pool)
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CUDA_REFUSAL = ("the CUDA extension has no varlen kernels (packed batches run on the Triton "
                  "backend)")
 
@@ -199,12 +199,9 @@ register_autocast(torch.ops.pargo.pool_project_varlen_fwd.default)
 # --------------------------------------------------------------------------------------------
 # dispatch and plan resolution
 # --------------------------------------------------------------------------------------------
-def _choose(op: str, x: Tensor, backend: str, extra_reasons: Sequence[str] = ()) -> str:
-    def triton_reasons():
-        why = _backend.triton_device_reasons([x]) + list(extra_reasons)
-        if x.dtype not in _TRITON_DTYPES:
-            why.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-        return why
+def _choose(op: str, x: Tensor, backend: str, triton_reasons) -> str:
+    """The backend, with the fixed-shape op's Triton refusals (dtype, device, per-arch limits:
+    ``triton_reasons()``)."""
     return _backend.resolve(
         op, backend,
         reasons={"cuda": lambda: [_CUDA_REFUSAL], "triton": triton_reasons,
@@ -259,10 +256,9 @@ def _check_packed_qkv(q, k, v) -> None:
 
 
 def _run_attention(op: str, q, k, v, plan: VarlenPlan, kind: int, window, scale, backend):
-    reasons = []
-    if q.shape[2] > MAX_HEAD_DIM or v.shape[2] > MAX_HEAD_DIM:
-        reasons.append(f"head dims ({q.shape[2]}, {v.shape[2]}) exceed {MAX_HEAD_DIM}")
-    chosen = _choose(op, q, backend, reasons)
+    # the fixed-shape op's refusals, on [1, total, H, D] views (head dim last, as there)
+    chosen = _choose(op, q, backend,
+                     lambda: _attention_triton_reasons(q[None], k[None], v[None]))
     if _eager():
         plan.check_length("q", q.shape[0], A_Q_START, "cu_seqlens_q")
         plan.check_length("k", k.shape[0], A_K_START, "cu_seqlens_k")
@@ -411,7 +407,8 @@ def adaptive_avg_pool_tokens_varlen(x: Tensor, cu_seqlens=None, in_grids=None, o
     """
     check_tensor("x", x, 2)
     plan = _pool_plan(x, cu_seqlens, in_grids, out_grids, plan)
-    chosen = _choose("adaptive_avg_pool_tokens_varlen", x, backend)
+    chosen = _choose("adaptive_avg_pool_tokens_varlen", x, backend,
+                     lambda: _pool_triton_reasons(x))
     if chosen == "reference":
         return _pool_reference(x, plan), plan.cu_seqlens_out
     refuse_functorch("adaptive_avg_pool_tokens_varlen", chosen)
@@ -431,7 +428,8 @@ def adaptive_avg_pool_project_varlen(x: Tensor, weight: Tensor, bias: Optional[T
     check_tensor("x", x, 2)
     check_projection(x, weight, bias)
     plan = _pool_plan(x, cu_seqlens, in_grids, out_grids, plan)
-    chosen = _choose("adaptive_avg_pool_project_varlen", x, backend)
+    chosen = _choose("adaptive_avg_pool_project_varlen", x, backend,
+                     lambda: _pool_triton_reasons(x, fused=True))
     if chosen == "reference":
         return _pool_reference(x, plan, (weight, bias)), plan.cu_seqlens_out
     refuse_functorch("adaptive_avg_pool_project_varlen", chosen)

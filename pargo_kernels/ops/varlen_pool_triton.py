@@ -237,10 +237,12 @@ def pool_project_varlen_backward(dy, x, weight, has_bias: bool, plan):
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (read by pargo_kernels.aot)
 # --------------------------------------------------------------------------------------------
-def aot_specs():
+def aot_specs(arch: int | None = None):
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
-    launchers can make (the fixed-shape GEMM kernels they reuse are listed by pool_triton)."""
-    from .pool_triton import POOL_BLOCK_CS
+    launchers can make on ``arch`` (None: every arch; the fused kernel from
+    ``pool_triton.FUSED_MIN_ARCH`` on, as the fixed-shape one); the fixed-shape GEMM kernels
+    they reuse are listed by pool_triton."""
+    from .pool_triton import FUSED_MIN_ARCH, POOL_BLOCK_CS
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(X=ty, Y=ty, DY=ty, DX=ty, W=ty, BIAS=ty, META="i32")
         for block_c in POOL_BLOCK_CS:
@@ -249,6 +251,8 @@ def aot_specs():
             label = f"pool-varlen {ty} M={cfg['BLOCK_M']} C={cfg['BLOCK_C']}"
             for kernel in (_pool_varlen_fwd_kernel, _pool_varlen_bwd_kernel):
                 yield kernel, ptrs, cfg, options, label
+        if arch is not None and arch < FUSED_MIN_ARCH:
+            continue
         cfg = dict(gemm_config(dtype))
         options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         for has_bias in (False, True):

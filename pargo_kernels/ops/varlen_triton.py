@@ -360,18 +360,24 @@ def varlen_backward(do, q, k, v, out, lse, plan, kind: int, window, scale: float
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (read by pargo_kernels.aot)
 # --------------------------------------------------------------------------------------------
-def aot_specs():
-    """Yield ``(kernel, pointer_types, constexprs, options, label)``: each mask kind x dtype x
-    head-dim bucket, with the fixed-shape kernels' tile configurations."""
+def aot_specs(arch: int = _aplan.DEFAULT_ARCH):
+    """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
+    launchers can make on ``sm_<arch>``: each mask kind x dtype x head-dim bucket the
+    fixed-shape dispatcher accepts there (``attention_plan.arch_refusal``), with
+    ``varlen_tile_config(..., arch)``."""
     for dtype, ty in _TL_DTYPE.items():
+        if _aplan.arch_refusal(divmod(arch, 10), dtype):
+            continue
         ptrs = dict(Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32",
                     DELTA="fp32", META="i32")
         for block_d in (16, 32, 64, 128, 256):
+            if _aplan.arch_refusal(divmod(arch, 10), dtype, block_d):
+                continue
             for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
                 for kernel, which, col in ((_varlen_fwd_kernel, "fwd", _plan.A_QTILES),
                                            (_varlen_bwd_dq_kernel, "dq", _plan.A_QTILES),
                                            (_varlen_bwd_dkdv_kernel, "dkdv", _plan.A_KTILES)):
-                    cfg = varlen_tile_config(which, block_d, dtype)
+                    cfg = varlen_tile_config(which, block_d, dtype, arch)
                     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                     block = cfg["BLOCK_N" if which == "dkdv" else "BLOCK_M"]
                     constexprs = dict(D=block_d, DV=block_d, KIND=kind, BLOCK_D=block_d,
@@ -381,4 +387,5 @@ def aot_specs():
                         constexprs["DELTA_PASS"] = dtype != torch.float32
                     yield (kernel, ptrs, constexprs, options,
                            f"varlen-{kname} {ty} d={block_d} M={cfg['BLOCK_M']} "
-                           f"N={cfg['BLOCK_N']}")
+                           f"N={cfg['BLOCK_N']} w={options['num_warps']} "
+                           f"s={options['num_stages']}")
