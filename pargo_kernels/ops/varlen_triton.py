@@ -263,8 +263,14 @@ def check_lengths(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
 # parameters) hold extra registers; found by `python -m pargo_kernels.aot --arch 80 90 --filter
 # varlen`. (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _SM80 = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1),
-         ("dq", "fp32", 128): (16, 16, 4, 1), ("dkdv", "fp32", 128): (16, 16, 4, 1)}
-_ARCH_OVERRIDES = {75: _SM80, 80: _SM80, 86: _SM80, 89: _SM80}
+         ("dq", "fp32", 128): (16, 16, 4, 1), ("dq", "fp32", 256): (16, 16, 8, 1),
+         ("dkdv", "16bit", 32): (32, 32, 4, 1), ("dkdv", "16bit", 64): (32, 32, 4, 2),
+         ("dkdv", "fp32", 128): (16, 16, 8, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
+         ("fwd", "fp32", 256): (16, 16, 8, 1)}
+_SM90 = {("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 128): (16, 16, 4, 1),
+         ("dq", "fp32", 256): (16, 16, 8, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
+         ("fwd", "fp32", 32): (32, 16, 4, 1)}
+_ARCH_OVERRIDES = {75: _SM80, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
 
 
 def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype,
