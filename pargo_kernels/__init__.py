@@ -14,8 +14,10 @@ Masks are small validated objects (:mod:`pargo_kernels.masks`); dense references
 from .attention import band_attention, cascade_windows, partial_global_attention
 from .masks import BandMask, PartialGlobalMask
 from .pooling import adaptive_avg_pool_project, adaptive_avg_pool_tokens
+from .varlen import *  # noqa: F401,F403  packed (varlen) ops and their plans
+from .varlen import __all__ as _varlen_all
 
 __version__ = "0.1.0"
 __all__ = ["partial_global_attention", "band_attention", "cascade_windows",
            "adaptive_avg_pool_tokens", "adaptive_avg_pool_project", "PartialGlobalMask",
-           "BandMask", "__version__"]
+           "BandMask", "__version__"] + _varlen_all

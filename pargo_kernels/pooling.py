@@ -183,6 +183,23 @@ def _choose(op: str, x: Tensor, backend: str, cuda_reasons, fused: bool = False)
     return chosen
 
 
+def check_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """``weight [F, C]`` and ``bias [F]`` (or None) of a projection of ``x [..., C]``: ranks,
+    devices and dtypes as ``x``, matching sizes (shared with the varlen op)."""
+    check_tensor("weight", weight, 2)
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        check_same(("x", "weight", "bias"), (x, weight, bias))
+    else:
+        check_same(("x", "weight"), (x, weight))
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight has {weight.shape[1]} in-features but x has {x.shape[-1]} "
+                         "channels (weight must be [out_features, C])")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
+                         "out-features")
+
+
 def _check_x(x, in_grid, out_grid) -> tuple[list[int], list[int]]:
     check_tensor("x", x, 3)
     hin, win = check_grid("in_grid", in_grid)
@@ -262,18 +279,7 @@ def adaptive_avg_pool_project(x: Tensor, weight: Tensor, bias: Optional[Tensor] 
     pool(x)``, ``dbias = sum dY`` (fused into the dweight GEMM), ``dx = unpool(dP)``.
     """
     in_grid, out_grid = _check_x(x, in_grid, out_grid)
-    check_tensor("weight", weight, 2)
-    if bias is not None:
-        check_tensor("bias", bias, 1)
-        check_same(("x", "weight", "bias"), (x, weight, bias))
-    else:
-        check_same(("x", "weight"), (x, weight))
-    if weight.shape[1] != x.shape[2]:
-        raise ValueError(f"weight has {weight.shape[1]} in-features but x has {x.shape[2]} "
-                         "channels (weight must be [out_features, C])")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
-                         "out-features")
+    check_projection(x, weight, bias)
     if fused is None:
         fused = FUSED_DEFAULT
     if not isinstance(fused, bool):

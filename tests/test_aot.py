@@ -15,8 +15,14 @@ import subprocess
 import sys
 
 ARCHS = [75, 80, 86, 89, 90]
-SUBSET = ["pg1d bf16 d=64 ", "pg2d fp16 d=128", "band bf16 d=256", "pg1d fp32 d=128",
-          "pg2d fp32 d=64 ", "band fp32 d=256", "_attn_bwd_delta_kernel fp32 d=256"]
+# "_kernel <label>": the fixed-shape kernels only (varlen labels read "varlen-pg1d ...")
+SUBSET = ["_kernel pg1d bf16 d=64 ", "_kernel pg2d fp16 d=128", "_kernel band bf16 d=256",
+          "_kernel pg1d fp32 d=128", "_kernel pg2d fp32 d=64 ", "_kernel band fp32 d=256",
+          "_attn_bwd_delta_kernel fp32 d=256"]
+# varlen attention on sm_80 / sm_90 (the archs its tile table is checked for): configs that
+# spilled before their per-arch overrides, both dtype classes
+VARLEN_SUBSET = ["varlen-pg2d fp16 d=32 ", "varlen-pg1d fp32 d=128", "varlen-band fp32 d=256",
+                 "varlen-pg2d bf16 d=64 "]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -32,6 +38,13 @@ def _aot(tmp_path, archs, filters):
 def test_pool_kernels_compile(tmp_path):
     rows = _aot(tmp_path, [80, 90], ["_pool"])
     assert rows and all(r["ok"] and r["spill_bytes"] == 0 for r in rows), rows
+
+
+def test_varlen_attention_kernels_compile(tmp_path):
+    rows = _aot(tmp_path, [80, 90], VARLEN_SUBSET)
+    assert {r["kernel"] for r in rows} == {"_varlen_fwd_kernel", "_varlen_bwd_dq_kernel",
+                                           "_varlen_bwd_dkdv_kernel"}
+    assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), rows
 
 
 def test_aot_compiles_every_arch_without_spills(tmp_path):

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 
 import pargo_kernels as pk
 from pargo_kernels.masks import BandMask, PartialGlobalMask
-from pargo_kernels.ops import attention_triton, pool_triton
+from pargo_kernels.ops import attention_triton, pool_triton, varlen_pool_triton, varlen_triton
 from pargo_kernels.pooling import pool_project_reference, pool_tokens_reference
 from pargo_kernels.reference import masked_attention
 from pargo_kernels.testing import assert_close
@@ -70,6 +70,8 @@ def poison_outputs():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_triton, "_empty", nan_empty)
         mp.setattr(pool_triton, "_empty", nan_empty)
+        mp.setattr(varlen_triton, "_empty", nan_empty)
+        mp.setattr(varlen_pool_triton, "_empty", nan_empty)
         yield
 
 
@@ -343,6 +345,170 @@ def pool_project(draw):
                 f"w={w_layout} bias={b_layout} {extra}", dtype, leaves, views, run, oracle)
 
 
+# --------------------------------------------------------------------------------------------
+# packed (varlen) ops: 1-4 sequences, the oracle is the float64 reference sequence by sequence
+# --------------------------------------------------------------------------------------------
+PACKED_LAYOUTS = ["contiguous", "hnd", "offset", "last_stride"]
+
+
+def packed_tensor(gen, layout, total, H, D, dtype):
+    """A leaf and the view that makes it ``[total, H, D]`` (``H = 0``: ``[total, D]`` tokens)."""
+    shape = (total, H, D) if H else (total, D)
+    n = total * max(H, 1) * D
+    if layout == "contiguous":
+        return _leaf(gen, shape, dtype), lambda t: t
+    if layout == "hnd":  # heads (or channels) outermost: [H, total, D] / [D, total] transposed
+        if H:
+            return _leaf(gen, (H, total, D), dtype), lambda t: t.transpose(0, 1)
+        return _leaf(gen, (D, total), dtype), lambda t: t.t()
+    if layout == "offset":
+        return _leaf(gen, (n + 3,), dtype), lambda t: t[3:].view(shape)
+    if layout == "last_stride":
+        return _leaf(gen, (*shape[:-1], 2 * D), dtype), lambda t: t[..., ::2]
+    raise AssertionError(layout)
+
+
+def _offsets(lens):
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+@st.composite
+def packed_qkv_case(draw, label, masks, run, scale):
+    """q, k, v ``[total, H, D]`` for per-sequence ``masks``; ``run(q, k, v, scale, backend)``."""
+    gen = draw(seeds())
+    dtype = draw(st.sampled_from(DTYPES))
+    H = draw(st.integers(1, 2))
+    D = draw(st.sampled_from(HEAD_DIMS))
+    Dv = draw(st.one_of(st.just(D), st.sampled_from(HEAD_DIMS)))
+    cu_q = _offsets([m.n_query for m in masks])
+    cu_k = _offsets([m.n_key for m in masks])
+    leaves, views = {}, []
+    for name, total, d in (("q", cu_q[-1], D), ("k", cu_k[-1], D), ("v", cu_k[-1], Dv)):
+        layout = draw(st.sampled_from(PACKED_LAYOUTS))
+        leaves[name], f = packed_tensor(gen, layout, total, H, d, dtype)
+        views.append((name, f))
+    ref_scale = D ** -0.5 if scale is None else scale
+
+    def oracle(q, k, v):
+        outs = []
+        for i, m in enumerate(masks):
+            sl = [t[a:b].transpose(0, 1) for t, a, b in (
+                (q, cu_q[i], cu_q[i + 1]), (k, cu_k[i], cu_k[i + 1]), (v, cu_k[i], cu_k[i + 1]))]
+            outs.append(masked_attention(*sl, m.materialize(DEVICE), ref_scale).transpose(0, 1))
+        return torch.cat(outs)
+
+    def zero_bound(q, k, v, g):
+        return attention_zero_bound(*(t.transpose(0, 1) for t in (q, k, v, g)), ref_scale)
+    return Case(f"{label} H={H} D={D} Dv={Dv}", dtype, leaves,
+                lambda lv: tuple(f(lv[name]) for name, f in views),
+                lambda q, k, v, backend: run(q, k, v, cu_q, cu_k, scale, backend), oracle,
+                seed=draw(st.integers(0, 2**31 - 1)), zero_bound=zero_bound)
+
+
+@st.composite
+def partial_global_varlen(draw):
+    """1-D or 2-D windows (one per batch), per-sequence Np (0, Nv, non-dividing, ...)."""
+    two_d = draw(st.booleans())
+    masks, n_partial, vgrids, pgrids = [], [], [], []
+    for _ in range(draw(st.integers(1, 4))):
+        if two_d:
+            vgrid = (draw(sizes(1, 6)), draw(sizes(1, 6)))
+            pgrid = (draw(st.integers(1, vgrid[0])), draw(st.integers(1, vgrid[1])))
+            np_, nv = pgrid[0] * pgrid[1], vgrid[0] * vgrid[1]
+            vgrids.append(vgrid)
+            pgrids.append(pgrid)
+            ng = draw(st.integers(0, 4))
+            masks.append(PartialGlobalMask(np_ + ng, nv, np_, vgrid, pgrid))
+        else:
+            nv = draw(sizes(1, 40))
+            np_ = draw(st.one_of(st.integers(0, nv), st.sampled_from([0, nv])))
+            ng = draw(st.integers(0 if np_ else 1, 5))
+            masks.append(PartialGlobalMask(np_ + ng, nv, np_))
+        n_partial.append(np_)
+    grids = dict(visual_grids=vgrids, partial_grids=pgrids) if two_d else {}
+
+    def run(q, k, v, cu_q, cu_k, scale, backend):
+        return pk.partial_global_attention_varlen(q, k, v, cu_q, cu_k, n_partial, scale=scale,
+                                                  backend=backend, **grids)
+    label = (f"pg_varlen Nq={[m.n_query for m in masks]} Nv={[m.n_key for m in masks]} "
+             f"Np={n_partial} {grids}")
+    return draw(packed_qkv_case(label, masks, run, draw(_scales())))
+
+
+@st.composite
+def band_varlen(draw):
+    lens = draw(st.lists(sizes(1, 40), min_size=1, max_size=4))
+    window = (draw(st.integers(0, max(lens) + 3)), draw(st.integers(0, max(lens) + 3)))
+    masks = [BandMask(n, *window) for n in lens]
+
+    def run(q, k, v, cu_q, cu_k, scale, backend):
+        return pk.band_attention_varlen(q, k, v, cu_q, window, scale=scale, backend=backend)
+    return draw(packed_qkv_case(f"band_varlen N={lens} window={window}", masks, run,
+                                draw(_scales())))
+
+
+@st.composite
+def packed_pool_grids(draw):
+    grids = [draw(pool_grids()) for _ in range(draw(st.integers(1, 4)))]
+    return [g[0] for g in grids], [g[1] for g in grids]
+
+
+def _pool_per_image(x, in_grids, out_grids, fn):
+    cu = _offsets([h * w for h, w in in_grids])
+    return torch.cat([fn(x[cu[i]:cu[i + 1]][None], in_grids[i], out_grids[i])[0]
+                      for i in range(len(in_grids))])
+
+
+@st.composite
+def pool_tokens_varlen(draw):
+    gen = draw(seeds())
+    dtype = draw(st.sampled_from(DTYPES))
+    in_grids, out_grids = draw(packed_pool_grids())
+    C = draw(sizes(1, 48))
+    layout = draw(st.sampled_from(PACKED_LAYOUTS))
+    leaf, fx = packed_tensor(gen, layout, sum(h * w for h, w in in_grids), 0, C, dtype)
+    cu = _offsets([h * w for h, w in in_grids])
+    return Case(f"pool_varlen {in_grids}->{out_grids} C={C} x={layout}", dtype, {"x": leaf},
+                lambda lv: (fx(lv["x"]),),
+                lambda x, backend: pk.adaptive_avg_pool_tokens_varlen(
+                    x, cu, in_grids, out_grids, backend=backend)[0],
+                lambda x: _pool_per_image(x, in_grids, out_grids, pool_tokens_reference))
+
+
+@st.composite
+def pool_project_varlen(draw):
+    gen = draw(seeds())
+    dtype = draw(st.sampled_from(DTYPES))
+    in_grids, out_grids = draw(packed_pool_grids())
+    C, NF = draw(sizes(1, 48)), draw(sizes(1, 40))
+    x_layout = draw(st.sampled_from(PACKED_LAYOUTS))
+    leaves = {}
+    leaves["x"], fx = packed_tensor(gen, x_layout, sum(h * w for h, w in in_grids), 0, C, dtype)
+    w_t = draw(st.booleans())
+    leaves["w"] = _leaf(gen, (C, NF) if w_t else (NF, C), dtype, C ** -0.5)
+    b_layout = draw(st.sampled_from(["none", "contiguous", "strided"]))
+    if b_layout != "none":
+        leaves["b"] = _leaf(gen, (NF if b_layout == "contiguous" else 2 * NF,), dtype)
+    cu = _offsets([h * w for h, w in in_grids])
+
+    def views(lv):
+        b = () if "b" not in lv else (lv["b"] if b_layout == "contiguous" else lv["b"][::2],)
+        return (fx(lv["x"]), lv["w"].t() if w_t else lv["w"]) + b
+
+    def run(x, w, *b, backend):
+        return pk.adaptive_avg_pool_project_varlen(x, w, b[0] if b else None, cu, in_grids,
+                                                   out_grids, backend=backend)[0]
+
+    def oracle(x, w, *b):
+        return _pool_per_image(x, in_grids, out_grids, lambda t, gi, go: pool_project_reference(
+            t, w, b[0] if b else None, gi, go))
+    return Case(f"pool_project_varlen {in_grids}->{out_grids} C={C} NF={NF} x={x_layout} "
+                f"w_t={w_t} bias={b_layout}", dtype, leaves, views, run, oracle)
+
+
 VALID = {
     "partial_global_1d": partial_global_1d(),
     "partial_global_2d": partial_global_2d(),
@@ -350,6 +516,10 @@ VALID = {
     "cascade_windows": cascade(),
     "adaptive_avg_pool_tokens": pool_tokens(),
     "adaptive_avg_pool_project": pool_project(),
+    "partial_global_attention_varlen": partial_global_varlen(),
+    "band_attention_varlen": band_varlen(),
+    "adaptive_avg_pool_tokens_varlen": pool_tokens_varlen(),
+    "adaptive_avg_pool_project_varlen": pool_project_varlen(),
 }
 
 

@@ -127,27 +127,15 @@ def _query_program(SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M: tl.constexpr, K
     return bh, bh // H, bh % H, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot
 
 
-# --------------------------------------------------------------------------------------------
-# forward
-# --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _attn_fwd_kernel(
-    SCHED, T, Q, K, V, O, LSE, OWS, LWS, NSPLIT,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale,
-    D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
-        SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
-
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqm + d[None, :] * sqd,
-                mask=valid[:, None] & (d[None, :] < D), other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-
+@triton.jit
+def _fwd_pass(q, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi, x0, x1, P2,
+              qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, KIND: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Online softmax of a query tile over keys ``[n_lo, n_hi)`` (64-bit key offsets from
+    ``k_base`` / ``v_base``): ``(o, row max m, l_safe)`` with ``o = acc / l_safe`` and the
+    log-sum-exp ``m + log2(l_safe)``. A row with no allowed (or only -inf) score gets ``o = 0``
+    (shared by the fixed-shape and the varlen forward kernels)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -169,7 +157,33 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
+    return acc / l_safe[:, None], m_i, l_safe
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _attn_fwd_kernel(
+    SCHED, T, Q, K, V, O, LSE, OWS, LWS, NSPLIT,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    H, Nq, Nv, P0, P1, P2, P3, P4, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh, b, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, slot = _query_program(
+        SCHED, T, H, Nv, P0, P1, P2, P3, P4, BLOCK_M, KIND)
+
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqm + d[None, :] * sqd,
+                mask=valid[:, None] & (d[None, :] < D), other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    o, m_i, l_safe = _fwd_pass(q, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi,
+                               x0, x1, P2, qk_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_DV, KIND,
+                               PRECISION)
     if slot >= 0:  # one key split of a global tile: fp32 partials, merged on the host
         ws = _split_rows(bh, slot, rows, NSPLIT, Nq, P0)
         tl.store(OWS + ws[:, None] * DV + dv[None, :], o, mask=valid[:, None] & (dv[None, :] < DV))
@@ -238,6 +252,22 @@ def _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, sv
     return delta
 
 
+@triton.jit
+def _dq_pass(q, do, lse, delta, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi,
+             x0, x1, P2, qk_scale, sm_scale, D: tl.constexpr, DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 dQ of a query tile over keys ``[n_lo, n_hi)`` (scaled by ``sm_scale``), given the
+    rows' ``lse`` and ``delta`` (shared by the fixed-shape and the varlen dQ kernels)."""
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
+                            lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    return dq * sm_scale
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
     SCHED, T, Q, K, V, DO, LSE, DELTA, DQ, DQWS, DWS, NSPLIT,
@@ -279,13 +309,9 @@ def _attn_bwd_dq_kernel(
             delta = tl.load(DELTA + bh * Nq + rows, mask=valid, other=0.0)
 
         # Pass 2: dQ.
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            k, p, dp = _dq_tile(q, do, lse, k_base, v_base, n0, n_hi, d, dv, skn, skd, svn, svd,
-                                lo, hi, x0, x1, P2, qk_scale, D, DV, BLOCK_N, KIND, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PRECISION)
-        dq = dq * sm_scale
+        dq = _dq_pass(q, do, lse, delta, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd,
+                      lo, hi, x0, x1, P2, qk_scale, sm_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_D,
+                      KIND, PRECISION)
         if slot >= 0:
             ws = _split_rows(bh, slot, rows, NSPLIT, Nq, P0)
             tl.store(DQWS + ws[:, None] * D + d[None, :], dq,

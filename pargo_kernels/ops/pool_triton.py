@@ -103,6 +103,31 @@ def _pool_fwd_kernel(
              acc.to(Y.dtype.element_ty), mask=(rows < M)[:, None] & (chans < C)[None, :])
 
 
+@triton.jit
+def _unpooled_tile(base, t, row_ok, chans, c_ok, Hin, Win, Hout, Wout, KH, KW, sdyn, sdyc,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 ``[BLOCK_M, BLOCK_C]`` tile of ``dx``: for input token ``t`` of each row (its image's
+    ``dy`` at the row's pointer ``base``), the sum over the output cells whose window holds it
+    of ``dy[o] / |o|``. Grids may be scalars or per-row vectors (shared with the varlen
+    kernel)."""
+    oy0, oy1 = _window(t // Win, Hout, Hin)  # the inverse window map: sizes swapped
+    ox0, ox1 = _window(t % Win, Wout, Win)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for dy in range(0, KH):
+        oy = oy0 + dy
+        y0, y1 = _window(oy, Hin, Hout)
+        for dx in range(0, KW):
+            ox = ox0 + dx
+            x0, x1 = _window(ox, Win, Wout)
+            ok = row_ok & (oy < oy1) & (ox < ox1)
+            inv = 1.0 / tl.maximum((y1 - y0) * (x1 - x0), 1).to(tl.float32)
+            cell = (oy * Wout + ox).to(tl.int64)
+            g = tl.load(base[:, None] + cell[:, None] * sdyn + chans[None, :] * sdyc,
+                        mask=ok[:, None] & c_ok[None, :], other=0.0)
+            acc += g.to(tl.float32) * inv[:, None]
+    return acc
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _pool_bwd_kernel(
     DY, DX, sdyb, sdyn, sdyc, sdxb, sdxn, sdxc,
@@ -117,22 +142,8 @@ def _pool_bwd_kernel(
     c_ok = chans < C
     b = (rows // Nin).to(tl.int64)
     t = rows % Nin
-    oy0, oy1 = _window(t // Win, Hout, Hin)  # the inverse window map: sizes swapped
-    ox0, ox1 = _window(t % Win, Wout, Win)
-    base = DY + b * sdyb
-    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    for dy in range(0, KH):
-        oy = oy0 + dy
-        y0, y1 = _window(oy, Hin, Hout)
-        for dx in range(0, KW):
-            ox = ox0 + dx
-            x0, x1 = _window(ox, Win, Wout)
-            ok = row_ok & (oy < oy1) & (ox < ox1)
-            inv = 1.0 / tl.maximum((y1 - y0) * (x1 - x0), 1).to(tl.float32)
-            cell = (oy * Wout + ox).to(tl.int64)
-            g = tl.load(base[:, None] + cell[:, None] * sdyn + chans[None, :] * sdyc,
-                        mask=ok[:, None] & c_ok[None, :], other=0.0)
-            acc += g.to(tl.float32) * inv[:, None]
+    acc = _unpooled_tile(DY + b * sdyb, t, row_ok, chans, c_ok, Hin, Win, Hout, Wout, KH, KW,
+                         sdyn, sdyc, BLOCK_M, BLOCK_C)
     tl.store(DX + b[:, None] * sdxb + t[:, None] * sdxn + chans[None, :] * sdxc,
              acc.to(DX.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 

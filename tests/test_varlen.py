@@ -1,0 +1,552 @@
+"""Packed (varlen) ops against a per-sequence float64 oracle: partial-global (1-D, 2-D) and band
+attention, pooling and fused pooling + projection; forward and every gradient.
+
+The oracle runs the *fixed-shape* reference on each sequence's slice in float64 (on the very
+same rounded inputs), independently of the varlen code. Batches are drawn fresh every run:
+1-7 sequences with mixed grids (1x1, primes, Np not dividing Nv, Np = 0, Ng = 0); outputs and
+workspaces are NaN-filled before the kernels run, so an unwritten row fails. Also: plans reused
+across calls, torch.compile without recompiling across batches, and validation errors.
+"""
+import random
+
+import pytest
+import torch
+
+import pargo_kernels as pk
+from pargo_kernels import varlen_plan
+from pargo_kernels.ops import pool_triton, varlen_pool_triton, varlen_triton
+from pargo_kernels.pooling import pool_project_reference, pool_tokens_reference
+from pargo_kernels.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+H, D, DV = 2, 16, 24
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    for mod in (varlen_triton, varlen_pool_triton, pool_triton):
+        monkeypatch.setattr(mod, "_empty", nan_empty)
+
+
+def _offsets(lens):
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def _packed(total, heads, dim, dtype, device, strided):
+    """Fresh ``[total, heads, dim]``; strided: a ``[heads, total, dim]`` buffer transposed."""
+    if strided:
+        return torch.randn(heads, total, dim, device=device).to(dtype).transpose(0, 1)
+    return torch.randn(total, heads, dim, device=device).to(dtype)
+
+
+def _grads(fn, inputs, grad, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out, [t.grad for t in leaves]
+
+
+def _check(name, actual, expected, dtype, what):
+    try:
+        assert_close(name, actual, expected, dtype)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nbatch: {what}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# random batches
+# --------------------------------------------------------------------------------------------
+PRIMES = (2, 3, 5, 7, 11, 13)
+
+
+def _pg1d_seq(special):
+    """(Nq, Nv, Np) of one sequence; ``special`` forces a corner case."""
+    nv = random.choice((1, 2, 7, 13, 23, 37, 61))
+    if special == "np0":
+        return random.randint(1, 9), nv, 0
+    np_ = random.randint(1, min(nv, 24))
+    if special == "ng0":
+        return np_, nv, np_
+    if special == "nondiv":  # prime Nv, Np not dividing it
+        nv = random.choice((13, 23, 37, 61))
+        np_ = random.choice([p for p in range(2, min(nv, 24)) if nv % p])
+    return np_ + random.randint(0, 5), nv, np_
+
+
+def _pg2d_seq(special):
+    """(Nq, Nv, Np, visual grid, partial grid)."""
+    if special == "1x1":
+        hv, wv, hp, wp = 1, 1, 1, 1
+    else:
+        hv, wv = random.choice(PRIMES), random.choice(PRIMES + (4, 6))
+        hp, wp = random.randint(1, hv), random.randint(1, wv)
+    np_ = hp * wp
+    ng = 0 if special == "ng0" else random.randint(0, 4)
+    return np_ + ng, hv * wv, np_, (hv, wv), (hp, wp)
+
+
+def _batch(make, specials, n_min=1):
+    n = random.randint(max(n_min, 1), 7)
+    kinds = list(specials)[:n] + [None] * max(0, n - len(specials))
+    random.shuffle(kinds)
+    return [make(kind) for kind in kinds]
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None):
+    nq = [s[0] for s in seqs]
+    nv = [s[1] for s in seqs]
+    q = _packed(sum(nq), H, D, dtype, device, strided)
+    k = _packed(sum(nv), H, D, dtype, device, strided)
+    v = _packed(sum(nv), H, DV, dtype, device, strided)
+    cu_q, cu_k = _offsets(nq), _offsets(nv)
+    grad = torch.randn(sum(nq), H, DV, device=device)
+
+    if mode == "band":
+        def packed(q_, k_, v_):
+            return pk.band_attention_varlen(q_, k_, v_, cu_q, window, scale=scale,
+                                            backend="triton")
+    else:
+        grids = {}
+        if mode == "pg2d":
+            grids = dict(visual_grids=[s[3] for s in seqs], partial_grids=[s[4] for s in seqs])
+
+        def packed(q_, k_, v_):
+            return pk.partial_global_attention_varlen(q_, k_, v_, cu_q, cu_k, [s[2] for s in seqs],
+                                                      scale=scale, backend="triton", **grids)
+
+    def oracle(q_, k_, v_):  # the fixed-shape reference on every sequence's slices
+        outs = []
+        for i, s in enumerate(seqs):
+            sl = [t[a:b].transpose(0, 1)[None] for t, a, b in (
+                (q_, cu_q[i], cu_q[i + 1]), (k_, cu_k[i], cu_k[i + 1]), (v_, cu_k[i], cu_k[i + 1]))]
+            if mode == "band":
+                o = pk.band_attention(*sl, window, scale=scale, backend="reference")
+            else:
+                g = dict(visual_grid=s[3], partial_grid=s[4]) if mode == "pg2d" else {}
+                o = pk.partial_global_attention(*sl, s[2], scale=scale, backend="reference", **g)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    out, grads = _grads(packed, (q, k, v), grad)
+    ref, ref_grads = _grads(oracle, (q, k, v), grad, torch.float64)
+    what = f"{mode} seqs={seqs} window={window} {dtype}"
+    assert out.dtype == dtype
+    _check("out", out, ref, dtype, what)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _check(name, g, r, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode", ["pg1d", "pg2d"])
+def test_partial_global_varlen(mode, dtype, device):
+    if mode == "pg1d":
+        seqs = _batch(_pg1d_seq, ("np0", "ng0", "nondiv"))
+    else:
+        seqs = _batch(_pg2d_seq, ("1x1", "ng0"))
+    _attention_case(seqs, mode, dtype, device, strided=dtype == torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_band_varlen(dtype, device):
+    seqs = [(n, n) for n in _batch(lambda s: 1 if s else random.randint(2, 70), ("one",))]
+    window = (random.randint(0, 12), random.randint(0, 5))
+    _attention_case(seqs, "band", dtype, device, strided=dtype == torch.bfloat16, window=window,
+                    scale=0.3)
+
+
+def test_band_varlen_wide_window_stays_in_sequence(device):
+    """A window wider than every sequence is full attention within each, never across."""
+    seqs = [(n, n) for n in (random.randint(20, 40), 1, random.randint(20, 40))]
+    _attention_case(seqs, "band", torch.float32, device, strided=False, window=(10**9, 10**9))
+
+
+@pytest.mark.parametrize("mode", ["pg1d", "pg2d", "band"])
+def test_reference_backend_matches_triton(mode, device):
+    """backend="reference" (a loop over the fixed-shape references) equals the kernels."""
+    if mode == "band":
+        seqs = [(n, n) for n in (random.randint(1, 30), random.randint(1, 30))]
+    else:
+        seqs = _batch(_pg2d_seq if mode == "pg2d" else _pg1d_seq, ("ng0", "1x1", "np0"), n_min=3)
+    nq, nv = [s[0] for s in seqs], [s[1] for s in seqs]
+    q, k, v = (torch.randn(n, H, D, device=device) for n in (sum(nq), sum(nv), sum(nv)))
+    if mode == "band":
+        args, kw, fn = (_offsets(nq), (3, 2)), {}, pk.band_attention_varlen
+    else:
+        args, fn = (_offsets(nq), _offsets(nv), [s[2] for s in seqs]), \
+            pk.partial_global_attention_varlen
+        kw = dict(visual_grids=[s[3] for s in seqs], partial_grids=[s[4] for s in seqs]) \
+            if mode == "pg2d" else {}
+    _check("reference backend", fn(q, k, v, *args, backend="reference", **kw),
+           fn(q, k, v, *args, backend="triton", **kw), torch.float32, seqs)
+    images = _pool_batch()
+    cu = _offsets([a * b for (a, b), _ in images])
+    x = torch.randn(cu[-1], 8, device=device)
+    ins, outs = [g for g, _ in images], [g for _, g in images]
+    _check("reference pooling", pk.adaptive_avg_pool_tokens_varlen(x, cu, ins, outs,
+                                                                  backend="reference")[0],
+           _pool_oracle(x, images), torch.float32, images)
+
+
+def test_plan_reuse_matches_and_builds_nothing(device, monkeypatch):
+    seqs = _batch(_pg2d_seq, ("1x1",), n_min=2)
+    nq, nv = [s[0] for s in seqs], [s[1] for s in seqs]
+    q = torch.randn(sum(nq), H, D, device=device)
+    k = torch.randn(sum(nv), H, D, device=device)
+    v = torch.randn(sum(nv), H, D, device=device)
+    args = (_offsets(nq), _offsets(nv), [s[2] for s in seqs])
+    grids = dict(visual_grids=[s[3] for s in seqs], partial_grids=[s[4] for s in seqs])
+    direct = pk.partial_global_attention_varlen(q, k, v, *args, backend="triton", **grids)
+    plan = pk.plan_partial_global(*args, device=device, **grids)
+    band_plan = pk.plan_band(args[0], device=device)
+
+    def no_build(*a, **kw):
+        raise AssertionError("a plan was rebuilt although one was passed")
+    for name in ("plan_partial_global", "plan_band", "plan_pool"):
+        monkeypatch.setattr(pk.varlen, name, no_build)
+    for _ in range(2):
+        out = pk.partial_global_attention_varlen(q, k, v, backend="triton", plan=plan)
+        assert torch.equal(out, direct)
+    for window in ((0, 0), (3, 1)):  # one band plan serves every window of a cascade
+        pk.band_attention_varlen(q, q, q, window=window, backend="triton", plan=band_plan)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on a GPU")
+def test_plan_run_does_not_synchronise():
+    plan = pk.plan_band([0, 5, 12], device="cuda")
+    q = torch.randn(12, H, D, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pk.band_attention_varlen(q, q, q, window=(2, 1), plan=plan)
+        pk.band_attention_varlen(q, q, q, [0, 5, 12], (2, 1))  # CPU offsets: no sync either
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------------------
+# pooling
+# --------------------------------------------------------------------------------------------
+def _pool_batch():
+    """In and out grids of 1-7 images; always one SigLIP-like 27x27 -> 12x12 (overlapping
+    windows) and one 1x1 image."""
+    def image(special):
+        if special == "siglip":
+            return (27, 27), (12, 12)
+        if special == "1x1":
+            return (1, 1), random.choice(((1, 1), (2, 3)))
+        return ((random.choice(PRIMES + (4, 8)), random.choice(PRIMES + (6,))),
+                (random.randint(1, 6), random.randint(1, 6)))
+    return _batch(image, ("siglip", "1x1"), n_min=2)
+
+
+def _pool_oracle(x, images, project=None):
+    outs, start = [], 0
+    for gin, gout in images:
+        xs = x[start:start + gin[0] * gin[1]][None]
+        start += gin[0] * gin[1]
+        outs.append((pool_tokens_reference(xs, gin, gout) if project is None else
+                     pool_project_reference(xs, *project, gin, gout))[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pool_tokens_varlen(dtype, device):
+    images = _pool_batch()
+    cu = _offsets([a * b for (a, b), _ in images])
+    x = torch.randn(24, cu[-1], device=device).to(dtype).t()  # channels-first buffer: strided
+    grad = torch.randn(sum(a * b for _, (a, b) in images), 24, device=device)
+    ins, outs = [g for g, _ in images], [g for _, g in images]
+
+    def packed(a):
+        y, cu_out = pk.adaptive_avg_pool_tokens_varlen(a, cu, ins, outs, backend="triton")
+        assert cu_out.tolist() == _offsets([p * q for p, q in outs])
+        return y
+
+    out, (dx,) = _grads(packed, (x,), grad)
+    ref, (ref_dx,) = _grads(lambda a: _pool_oracle(a, images), (x,), grad, torch.float64)
+    _check("out", out, ref, dtype, images)
+    _check("dx", dx, ref_dx, dtype, images)
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float16, False),
+                                        (torch.bfloat16, True)], ids=["fp32", "fp16", "bf16"])
+def test_pool_project_varlen(dtype, bias, device):
+    images = _pool_batch()
+    cu = _offsets([a * b for (a, b), _ in images])
+    C, NF = 40, 24
+    x = torch.randn(cu[-1], C, device=device).to(dtype)
+    w = (torch.randn(NF, C, device=device) * C ** -0.5).to(dtype)
+    inputs = [x, w] + ([torch.randn(NF, device=device).to(dtype)] if bias else [])
+    grad = torch.randn(sum(a * b for _, (a, b) in images), NF, device=device)
+    ins, outs = [g for g, _ in images], [g for _, g in images]
+
+    def packed(a, weight, *b):
+        return pk.adaptive_avg_pool_project_varlen(a, weight, b[0] if b else None, cu, ins, outs,
+                                                   backend="triton")[0]
+
+    out, grads = _grads(packed, inputs, grad)
+    ref, ref_grads = _grads(lambda a, weight, *b: _pool_oracle(a, images, (weight, *b, None)[:2]),
+                            inputs, grad, torch.float64)
+    _check("out", out, ref, dtype, images)
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        _check(name, g, r, dtype, images)
+
+
+def test_pool_single_out_grid_and_tensor_arguments(device):
+    ins = torch.tensor([[5, 7], [3, 3]])
+    x = torch.randn(44, 8, device=device)
+    y, cu_out = pk.adaptive_avg_pool_tokens_varlen(x, torch.tensor([0, 35, 44], dtype=torch.int32),
+                                                   ins, (2, 2), backend="triton")
+    assert cu_out.tolist() == [0, 4, 8]
+    _check("out", y, _pool_oracle(x.double(), [((5, 7), (2, 2)), ((3, 3), (2, 2))]),
+           torch.float32, "single out grid")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: one graph for batches of different lengths
+# --------------------------------------------------------------------------------------------
+def test_compile_does_not_recompile_across_batches(device):
+    from torch._dynamo.utils import counters
+
+    def layer(feats, w, q, pool_plan, band_plan, pg_plan):
+        tokens, _ = pk.adaptive_avg_pool_project_varlen(feats, w, None, backend="triton",
+                                                        plan=pool_plan)
+        kv = tokens.view(-1, H, D)
+        part = pk.band_attention_varlen(q, q, q, window=(2, 1), backend="triton", plan=band_plan)
+        out = pk.partial_global_attention_varlen(part, kv, kv, backend="triton", plan=pg_plan)
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    w = torch.randn(H * D, 12, device=device, requires_grad=True)
+    for images in ([((5, 5), (3, 3)), ((7, 4), (2, 5))],
+                   [((6, 6), (4, 4)), ((3, 3), (3, 3)), ((2, 9), (2, 3))],
+                   [((9, 9), (4, 5))]):
+        cu_in = _offsets([a * b for (a, b), _ in images])
+        feats = torch.randn(cu_in[-1], 12, device=device)
+        ins, outs = [g for g, _ in images], [g for _, g in images]
+        pool_plan = pk.plan_pool(cu_in, ins, outs, device=device)
+        n_partial = [p * r for p, r in outs]
+        nq = [n + 2 for n in n_partial]  # 2 global queries each
+        q = torch.randn(sum(nq), H, D, device=device, requires_grad=True)
+        band_plan = pk.plan_band(_offsets(nq), device=device)
+        pg_plan = pk.plan_partial_global(_offsets(nq), pool_plan.cu_seqlens_out, n_partial,
+                                         device=device)
+        loss = compiled(feats, w, q, pool_plan, band_plan, pg_plan)
+        loss.backward()
+        eager_q = q.detach().requires_grad_()
+        eager = layer(feats, w, eager_q, pool_plan, band_plan, pg_plan)
+        eager.backward()
+        _check("compiled loss", loss, eager, torch.float32, images)
+        _check("compiled dq", q.grad, eager_q.grad, torch.float32, images)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_opcheck_varlen_ops(device):
+    plan = pk.plan_partial_global([0, 3, 8], [0, 7, 12], [2, 0], device=device)
+    q, k = torch.randn(8, H, D, device=device), torch.randn(12, H, D, device=device)
+    v = torch.randn(12, H, DV, device=device)
+    args = (q, k, v, plan.meta, plan.meta_host, plan.extra, plan.kind, [0, 0], 0.25)
+    torch.library.opcheck(torch.ops.pargo.varlen_attention_fwd.default, args)
+    out, lse = torch.ops.pargo.varlen_attention_fwd(*args)
+    torch.library.opcheck(torch.ops.pargo.varlen_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, *args[3:]))
+    pool = pk.plan_pool([0, 6, 15], [(2, 3), (3, 3)], (2, 2), device=device)
+    x = torch.randn(15, 8, device=device)
+    torch.library.opcheck(torch.ops.pargo.pool_tokens_varlen_fwd.default,
+                          (x, pool.meta, pool.meta_host, pool.extra, pool.out_token))
+    torch.library.opcheck(torch.ops.pargo.pool_tokens_varlen_bwd.default,
+                          (torch.randn(8, 8, device=device), pool.meta, pool.meta_host,
+                           pool.extra, pool.in_token))
+    torch.library.opcheck(torch.ops.pargo.pool_project_varlen_fwd.default,
+                          (x, torch.randn(4, 8, device=device), torch.randn(4, device=device),
+                           pool.meta, pool.meta_host, pool.extra, pool.out_token))
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _qkv(nq, nv, device="cpu"):
+    return (torch.randn(nq, H, D, device=device), torch.randn(nv, H, D, device=device),
+            torch.randn(nv, H, D, device=device))
+
+
+@pytest.mark.parametrize("cu_q,cu_k,n_partial,grids,match", [
+    ([1, 4, 9], [0, 5, 12], 1, None, r"cu_seqlens_q\[0\] must be 0"),
+    ([0, 6, 4, 9], [0, 5, 9, 12], 1, None, r"non-decreasing: sequence 1"),
+    ([0, 4, 9], [0, 5, 11], 1, None, r"k has 12 tokens but cu_seqlens_k\[-1\] = 11"),
+    ([0, 4, 9], [0, 5, 12], [1, 2, 3], None, r"n_partial has 3 entries .* 2 sequences"),
+    ([0, 4, 9], [0, 5, 12], [1, 6], None, r"sequence 1: n_partial \(6\) must be <= .* Nq \(5\)"),
+    ([0, 4, 4, 9], [0, 5, 9, 12], 0, None, r"cu_seqlens_q: sequence 1 has 0 tokens"),
+    ([0, 4, 9], [0, 5, 12], [2, 2], ([(1, 5), (2, 3)], [(1, 2), (2, 1)]),
+     r"sequence 1: visual_grid 2x3 = 6 tokens does not match the number of keys Nv = 7"),
+    ([0, 4, 9], [0, 5, 12], [2, 2], ([(1, 5)], [(1, 2)]),
+     r"visual_grids has 1 grids but cu_seqlens has 2 sequences"),
+])
+def test_attention_validation(cu_q, cu_k, n_partial, grids, match):
+    q, k, v = _qkv(9, 12)
+    kw = dict(visual_grids=grids[0], partial_grids=grids[1]) if grids else {}
+    with pytest.raises(ValueError, match=match):
+        pk.partial_global_attention_varlen(q, k, v, cu_q, cu_k, n_partial, backend="reference",
+                                           **kw)
+
+
+def test_pool_validation():
+    x = torch.randn(15, 4)
+    with pytest.raises(ValueError, match=r"in_grids\[1\] = \(2, 4\) has 8 cells but sequence 1"):
+        pk.adaptive_avg_pool_tokens_varlen(x, [0, 6, 15], [(2, 3), (2, 4)], (2, 2))
+    with pytest.raises(ValueError, match=r"out_grids has 3 grids but cu_seqlens has 2"):
+        pk.adaptive_avg_pool_tokens_varlen(x, [0, 6, 15], [(2, 3), (3, 3)], [(1, 1)] * 3)
+    with pytest.raises(ValueError, match=r"x has 15 tokens but cu_seqlens\[-1\] = 14"):
+        pk.adaptive_avg_pool_tokens_varlen(x, [0, 6, 14], [(2, 3), (2, 4)], (2, 2))
+    with pytest.raises(ValueError, match=r"out_grids\[0\] \(sequence 0\) must be positive"):
+        pk.adaptive_avg_pool_tokens_varlen(x, [0, 6, 15], [(2, 3), (3, 3)], [(0, 1), (1, 1)])
+    with pytest.raises(TypeError, match=r"cu_seqlens must be an integer tensor"):
+        pk.adaptive_avg_pool_tokens_varlen(x, torch.tensor([0.0, 6.0, 15.0]), [(2, 3), (3, 3)],
+                                           (1, 1))
+
+
+def test_plan_and_backend_validation():
+    q, k, v = _qkv(9, 9)
+    plan = pk.plan_band([0, 4, 9])
+    with pytest.raises(ValueError, match=r"either plan= or the per-batch arguments"):
+        pk.band_attention_varlen(q, k, v, [0, 4, 9], (1, 1), plan=plan)
+    with pytest.raises(TypeError, match=r"plan must be a VarlenPlan from plan_partial_global"):
+        pk.partial_global_attention_varlen(q, k, v, plan=plan)
+    with pytest.raises(ValueError, match=r"q has 8 tokens but cu_seqlens_q\[-1\] = 9"):
+        pk.band_attention_varlen(q[:8], k[:8], v[:8], window=(1, 1), plan=plan)
+    with pytest.raises(ValueError, match=r"no varlen kernels"):
+        pk.band_attention_varlen(q, k, v, [0, 4, 9], (1, 1), backend="cuda")
+    with pytest.raises(ValueError, match=r"cu_seqlens must hold n_seq \+ 1 >= 2 offsets"):
+        pk.band_attention_varlen(q, k, v, [0], (1, 1))
+    assert varlen_plan.VarlenPlan is pk.VarlenPlan
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.parametrize("mode", ["pg1d", "band"])
+def test_offsets_past_int32_within_a_sequence(mode, monkeypatch):
+    """q, k, v, dout: views of a packed [total, 4, 1, D] layout with token stride 2^30 + 64
+    elements, 2^31 elements into the buffer; sequence 1 (local rows 0..2) has local row 2 at
+    2^31 + 128 elements from its start: a 32-bit local offset wraps (wrong data, not a crash).
+    As tests/test_attention_plan.py::test_offsets_past_int32, for the packed ops."""
+    from triton.runtime import interpreter  # the host copy is the tensor (see there)
+    monkeypatch.setattr(interpreter.GridExecutor, "_restore_args_dev", lambda *a, **k: None)
+    seqs = [(1, 1, 1), (3, 3, 2)]  # (Nq, Nv, Np)
+    total, dtype = 4, torch.float16
+    stride, base = 2**30 + 64, 2**31
+    buf = torch.empty(base + (total - 1) * stride + 4 * D, dtype=dtype)  # virtual, sparse
+    views = [torch.as_strided(buf, (total, 1, D), (stride, 0, 1), base + i * D)
+             for i in range(4)]
+    for view in views:
+        view.copy_(torch.randn(total, 1, D).to(dtype))
+    q, k, v, grad = views
+    cu = [0, 1, 4]
+    if mode == "band":
+        def packed(q_, k_, v_):
+            return pk.band_attention_varlen(q_, k_, v_, cu, (0, 1), backend="triton")
+
+        def fixed(q_, k_, v_):
+            return pk.band_attention(q_, k_, v_, (0, 1), backend="reference")
+    else:
+        def packed(q_, k_, v_):
+            return pk.partial_global_attention_varlen(q_, k_, v_, cu, cu, [1, 2],
+                                                      backend="triton")
+
+        def fixed(q_, k_, v_, np_=None):
+            return pk.partial_global_attention(q_, k_, v_, np_, backend="reference")
+
+    def oracle(q_, k_, v_):
+        outs = []
+        for i, (_, _, np_) in enumerate(seqs):
+            sl = [t[cu[i]:cu[i + 1]].transpose(0, 1)[None] for t in (q_, k_, v_)]
+            o = fixed(*sl) if mode == "band" else fixed(*sl, np_=np_)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    out, grads = _grads(packed, (q, k, v), grad.contiguous())
+    ref, ref_grads = _grads(oracle, [t.contiguous() for t in (q, k, v)], grad.contiguous(),
+                            torch.float64)
+    _check("out", out, ref, dtype, mode)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _check(name, g, r, dtype, mode)
+
+
+# --------------------------------------------------------------------------------------------
+# edge semantics, autocast, torch.func: as the fixed-shape ops (tests/test_edge_semantics.py)
+# --------------------------------------------------------------------------------------------
+def _per_sequence(fixed, cu, *tensors):
+    outs = []
+    for i in range(len(cu) - 1):
+        sl = [t[cu[i]:cu[i + 1]].transpose(0, 1)[None] for t in tensors]
+        outs.append(fixed(i, *sl)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_with_all_scores_minus_inf_are_zero(dtype, device):
+    """q[row, :, 0] = -inf, k[:, :, 0] > 0: every score of the row is -inf (a partial row of
+    sequence 0, a global row of sequence 1). Output 0 and dq 0 for those rows, out / dq / dv
+    equal to the fixed-shape op's on each sequence (whose semantics are SDPA's)."""
+    cu, n_partial = [0, 3, 6], [2, 1]
+    q, k, v = (torch.randn(6, H, D, device=device).to(dtype) for _ in range(3))
+    k[..., 0] = k[..., 0].abs() + 0.5
+    rows = [1, 5]
+    q[rows, :, 0] = float("-inf")
+    grad = torch.randn(6, H, D, device=device).to(dtype)
+    got = _grads(lambda a, b, c: pk.partial_global_attention_varlen(
+        a, b, c, cu, cu, n_partial, backend="triton"), (q, k, v), grad)
+    ref = _grads(lambda a, b, c: _per_sequence(
+        lambda i, *sl: pk.partial_global_attention(*sl, n_partial[i], backend="triton"), cu,
+        a, b, c), (q, k, v), grad)
+    assert torch.equal(got[0][rows], torch.zeros_like(got[0][rows]))
+    assert torch.equal(got[1][0][rows], torch.zeros_like(got[1][0][rows]))
+    for name, g, r in (("out", got[0], ref[0]), ("dq", got[1][0], ref[1][0]),
+                       ("dv", got[1][2], ref[1][2]), ("dk[..., 1:]", got[1][1][..., 1:],
+                                                       ref[1][1][..., 1:])):
+        assert torch.isfinite(g).all(), name
+        _check(name, g, r, dtype, "minus-inf rows")
+
+
+def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
+    """Under torch.autocast(bfloat16) mixed fp32/fp16 inputs run in bfloat16 (attention and the
+    projection; the pooling alone is not cast); jacrev and double backward on the kernel backend
+    raise NotImplementedError."""
+    cu = [0, 2, 5]
+    q = torch.randn(5, H, D, device=device)
+    k = torch.randn(5, H, D, device=device).half()
+    v = torch.randn(5, H, D, device=device)
+    x = torch.randn(10, 8, device=device)
+    w = torch.randn(6, 8, device=device)
+    pool = dict(cu_seqlens=[0, 4, 10], in_grids=[(2, 2), (2, 3)], out_grids=[(1, 1), (1, 2)])
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = pk.band_attention_varlen(q, k, v, cu, (1, 0), backend="triton")
+        y, _ = pk.adaptive_avg_pool_project_varlen(x, w, None, **pool, backend="triton")
+        p, _ = pk.adaptive_avg_pool_tokens_varlen(x, **pool, backend="triton")
+    ref = pk.band_attention_varlen(*(t.bfloat16() for t in (q, k, v)), cu, (1, 0),
+                                   backend="triton")
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert y.dtype == torch.bfloat16 and p.dtype == torch.float32
+    calls = {
+        "attention": (lambda t: pk.partial_global_attention_varlen(
+            t, q, v, cu, cu, 1, backend="triton"), q),
+        "pool": (lambda t: pk.adaptive_avg_pool_tokens_varlen(t, **pool, backend="triton")[0], x),
+        "pool_project": (lambda t: pk.adaptive_avg_pool_project_varlen(
+            t, w, None, **pool, backend="triton")[0], x),
+    }
+    for name, (fn, inp) in calls.items():
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms .*'triton'"):
+            torch.func.jacrev(fn)(inp)
+        leaf = inp.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(leaf).square().sum(), leaf, create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            g.sum().backward()
