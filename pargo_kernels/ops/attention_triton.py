@@ -1,7 +1,7 @@
 """Triton kernels for block-sparse masked attention: partial-global (1-D, 2-D) and banded.
 
 One family of kernels serves every mask of :mod:`pargo_kernels.masks`. The mask reaches a kernel
-as ``KIND`` (a constexpr: 1-D partial-global, 2-D partial-global or band) and five int scalars
+as ``KIND`` (a constexpr: 1-D / 2-D partial-global, band, ParGo self) and five int scalars
 ``P0..P4`` that are never specialised on, so a new window costs no recompilation. From these
 scalars each kernel derives, per query row, the half-open key interval ``[lo, hi)`` (plus a
 column interval ``[x0, x1)`` for 2-D windows), and per tile the range of tiles it must visit:
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import KIND_BAND, KIND_PG1D, KIND_PG2D
+from ..masks import KIND_BAND, KIND_PARGO_SELF, KIND_PG1D, KIND_PG2D
 
 LOG2E = 1.4426950408889634
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -53,6 +53,11 @@ def _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND: tl.conste
     if KIND == 2:  # band: P0 = left, P1 = right (both already clipped to N - 1)
         lo = tl.maximum(rows - P0, 0)
         hi = tl.minimum(rows + P1 + 1, Nv)
+        x0 = zero
+        x1 = zero
+    elif KIND == 3:  # ParGo self: P0 = n_partial, (P1, P2) = (left, right) clipped to Np - 1
+        lo = tl.where(is_global, zero + P0, tl.maximum(rows - P1, 0))
+        hi = tl.where(is_global, zero + Nv, tl.minimum(rows + P2 + 1, P0))
         x0 = zero
         x1 = zero
     elif KIND == 0:  # 1-D partial-global: P0 = n_partial
@@ -89,8 +94,8 @@ def _allowed(cols, lo, hi, x0, x1, P2, KIND: tl.constexpr):
 def _query_tile(pid_m, Nq, P0, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
     """Query tile ``pid_m``: (first row, end of its row segment, is it a global tile).
 
-    Partial-global masks put partial tiles first (rows ``[0, Np)``), then global tiles
-    (rows ``[Np, Nq)``), so no tile mixes the two kinds. Band masks have one segment.
+    Partial-global and ParGo-self masks put partial tiles first (rows ``[0, Np)``), then global
+    tiles (rows ``[Np, Nq)``), so no tile mixes the two kinds. Band masks have one segment.
     """
     if KIND == 2:
         n_seg = Nq
@@ -313,6 +318,9 @@ def _attn_bwd_dkdv_kernel(
     if KIND == 2:
         q_lo = tl.maximum(n0 - P1, 0)
         q_hi = tl.minimum(n_last + P0 + 1, Nq)
+    elif KIND == 3:  # partial keys j < Np are seen by partial rows [j - right, j + left]
+        q_lo = tl.maximum(n0 - P2, 0)
+        q_hi = tl.where(n0 < P0, tl.minimum(n_last + P1 + 1, P0), 0)
     elif KIND == 0:
         q_lo = tl.maximum(((n0 + 1) * P0 + Nv - 1) // Nv - 1, 0)
         q_hi = tl.minimum(((n_last + 1) * P0 + Nv - 1) // Nv, P0)
@@ -331,8 +339,11 @@ def _attn_bwd_dkdv_kernel(
     dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, q_lo, q_hi, False, q_base, do_base, lse_base,
                             delta_base, sqm, sqd, sdom, sdod, Nv, P0, P1, P2, P3, P4, qk_scale,
                             D, DV, KIND, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
-    if KIND != 2:  # every global query sees every key
-        dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, P0, Nq, True, q_base, do_base, lse_base,
+    g_hi = Nq
+    if KIND == 3:  # global queries see only the keys [Np, N)
+        g_hi = tl.where(n_last >= P0, Nq, P0)
+    if KIND != 2:  # every global query sees every key (KIND 3: every global key)
+        dk, dv_acc = _dkdv_rows(dk, dv_acc, k, v, cols, P0, g_hi, True, q_base, do_base, lse_base,
                                 delta_base, sqm, sqd, sdom, sdod, Nv, P0, P1, P2, P3, P4,
                                 qk_scale, D, DV, KIND, BLOCK_M, BLOCK_D, BLOCK_DV, PRECISION)
 
@@ -480,7 +491,8 @@ def aot_specs():
                 yield (_attn_bwd_delta_kernel, ptrs,
                        dict(DV=block_d, BLOCK_M=delta_block_m(block_d), BLOCK_DV=block_d),
                        dict(num_warps=4, num_stages=1), f"{ty} d={block_d}")
-            for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
+            for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band"),
+                                (KIND_PARGO_SELF, "pgself")):
                 for kernel, which in ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dq_kernel, "dq"),
                                       (_attn_bwd_dkdv_kernel, "dkdv")):
                     cfg = tile_config(which, block_d, dtype)
