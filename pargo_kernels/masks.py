@@ -125,8 +125,7 @@ class BandMask:
 
     def __post_init__(self):
         check_int("n", self.n, 1)
-        check_int("window[0] (left)", self.left, 0)
-        check_int("window[1] (right)", self.right, 0)
+        _check_window(self.left, self.right)
 
     n_query = property(lambda self: self.n)
     n_key = property(lambda self: self.n)
@@ -168,11 +167,9 @@ class ParGoSelfMask:
             raise ValueError("window must be a pair (left, right) of non-negative ints or None, "
                              f"got left={self.left!r}, right={self.right!r}")
         if self.left is not None:
-            check_int("window[0] (left)", self.left, 0)
-            check_int("window[1] (right)", self.right, 0)
+            _check_window(self.left, self.right)
 
-    n_query = property(lambda self: self.n)
-    n_key = property(lambda self: self.n)
+    n_query = n_key = property(lambda self: self.n)
     kind = KIND_PARGO_SELF
 
     @property
@@ -187,14 +184,16 @@ class ParGoSelfMask:
     def materialize(self, device=None) -> torch.Tensor:
         """Dense boolean ``[n, n]`` mask, True where attention is allowed (tests only); built from
         the unclipped window, independently of :attr:`params`."""
-        left = self.n if self.left is None else self.left
-        right = self.n if self.right is None else self.right
-        i = torch.arange(self.n, device=device)
-        d = i[None, :] - i[:, None]  # j - i
-        partial = i < self.n_partial
+        window = (self.n, self.n) if self.left is None else (self.left, self.right)
+        band = BandMask(self.n, *window).materialize(device)
+        partial = torch.arange(self.n, device=device) < self.n_partial
         same = partial[:, None] == partial[None, :]
-        band = (d >= -left) & (d <= right)
         return same & (band | ~partial[:, None])
+
+
+def _check_window(left, right) -> None:
+    check_int("window[0] (left)", left, 0)
+    check_int("window[1] (right)", right, 0)
 
 
 def ascii_mask(mask: torch.Tensor, max_cols: int = 72) -> str:
