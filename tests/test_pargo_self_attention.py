@@ -95,8 +95,8 @@ def _recording(monkeypatch):
     no_spec = {"P0", "P1", "P2", "P3", "P4"}
 
     class Rec:
-        def __init__(self, kern):
-            self.kern = kern
+        def __init__(self, name):
+            self.name, self.kern = name, getattr(attention_triton, name)
 
         def __getitem__(self, grid):
             def launch(*args, **kw):
@@ -106,9 +106,7 @@ def _recording(monkeypatch):
             return launch
 
     for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
-        rec = Rec(getattr(attention_triton, name))
-        rec.name = name
-        monkeypatch.setattr(attention_triton, name, rec)
+        monkeypatch.setattr(attention_triton, name, Rec(name))
     return seen
 
 
