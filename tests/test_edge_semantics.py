@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pargo_kernels as pk
-from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.testing import REL_TOL, rel_error
 
 BACKENDS = ["triton", "reference"]
@@ -32,45 +32,9 @@ CASES = {
              lambda q, k, v, be: pk.band_attention(q, k, v, (2, 1), backend=be)),
     "cross-np0": (PartialGlobalMask(7, 19, 0),
                   lambda q, k, v, be: pk.partial_global_attention(q, k, v, 0, backend=be)),
+    "pgself": (ParGoSelfMask(13, 8, 2, 1),
+               lambda q, k, v, be: pk.pargo_self_attention(q, k, v, 8, (2, 1), backend=be)),
 }
-
-
-def _sdpa(q, k, v, mask):
-    """Row ``i`` = SDPA of query ``i`` over the keys its mask allows, and only those. (SDPA given
-    the dense mask instead adds -inf to a masked score, so a masked NaN or +inf score would turn
-    the row into NaN: the kernels never compute masked scores, and neither does this oracle.)"""
-    dense = mask.materialize(q.device)
-    with sdpa_kernel(SDPBackend.MATH):  # CPU's flash kernel turns a NaN row into 0, not NaN
-        rows = [F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, dense[i]], v[:, :, dense[i]],
-                                               scale=q.shape[-1] ** -0.5)
-                for i in range(mask.n_query)]
-    return torch.cat(rows, dim=2)
-
-
-def _grads(fn, inputs, grad, dtype=None):
-    leaves = [x.detach().to(dtype or x.dtype).requires_grad_(True) for x in inputs]
-    out = fn(*leaves)
-    out.backward(grad.to(out.dtype))
-    return [out.detach()] + [x.grad for x in leaves]
-
-
-def assert_same_values(name, actual, expected, dtype):
-    """Same NaN, +inf and -inf positions; the finite elements within the dtype's tolerance."""
-    a, e = actual.detach().double(), expected.detach().double()
-    for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
-        diff = (test(a) != test(e)).nonzero()
-        assert diff.numel() == 0, f"{name}: {what} pattern differs from SDPA at {diff[:4].tolist()}"
-    finite = torch.isfinite(e)
-    if finite.any():
-        err = rel_error(a[finite], e[finite])
-        assert err <= REL_TOL[dtype], f"{name}: finite part off by {err:.2e} ({dtype})"
-
-
-def _inputs(mask, dtype, device, D=16):
-    q = torch.randn(2, 2, mask.n_query, D, device=device).to(dtype)
-    k = torch.randn(2, 2, mask.n_key, D, device=device).to(dtype)
-    v = torch.randn(2, 2, mask.n_key, D, device=device).to(dtype)
-    return q, k, v
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +44,7 @@ def _inputs(mask, dtype, device, D=16):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_row_with_all_scores_minus_inf_is_zero_as_sdpa(case, backend, dtype, device):
-    _check_minus_inf_rows(case, backend, dtype, device)
+    _check_minus_inf_rows(CASES[case], backend, dtype, device)
 
 
 def _check_minus_inf_rows(case, backend, dtype, device, D=16):
@@ -88,7 +52,7 @@ def _check_minus_inf_rows(case, backend, dtype, device, D=16):
     row, dq = 0 for it and dv unaffected by it; dk's column 0 is NaN (0 * -inf in dS^T Q) for
     the keys the row's tiles reach (SDPA: every key; compared exactly where the row sees every
     key, elsewhere outside that column)."""
-    mask, call = CASES[case]
+    mask, call = case
     q, k, v = _inputs(mask, dtype, device, D)
     k[..., 0] = k[..., 0].abs() + 0.5
     rows = [1, mask.n_query - 1]  # a first-segment row and the last row (global for pg)
@@ -168,7 +132,7 @@ def _cuda_skip_reason() -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_kernels_edge_semantics(case):
     for dtype in (torch.float16, torch.bfloat16):
-        _check_minus_inf_rows(case, "cuda", dtype, "cuda", D=64)
+        _check_minus_inf_rows(CASES[case], "cuda", dtype, "cuda", D=64)
         for value in NONFINITE:
             for where in ("q", "kv"):
                 _check_nonfinite(case, value, where, "cuda", dtype, "cuda", D=64)

@@ -1,7 +1,7 @@
 """Triton kernels for block-sparse masked attention: partial-global (1-D, 2-D) and banded.
 
 One family of kernels serves every mask of :mod:`pargo_kernels.masks`. The mask reaches a kernel
-as ``KIND`` (a constexpr: 1-D partial-global, 2-D partial-global or band) and five int scalars
+as ``KIND`` (a constexpr: 1-D / 2-D partial-global, band, ParGo self) and five int scalars
 ``P0..P4`` that are never specialised on, so a new window costs no recompilation. From these
 scalars each kernel derives, per query row, the half-open key interval ``[lo, hi)`` (plus a
 column interval ``[x0, x1)`` for 2-D windows). The range of tiles each program visits comes from
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import KIND_BAND, KIND_PG1D, KIND_PG2D
+from ..masks import KIND_BAND, KIND_PARGO_SELF, KIND_PG1D, KIND_PG2D
 from . import attention_plan as plan
 from .attention_plan import Problem, block_dims, delta_block_m, tile_config
 
@@ -63,6 +63,11 @@ def _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND: tl.conste
     if KIND == 2:  # band: P0 = left, P1 = right (both already clipped to N - 1)
         lo = tl.maximum(rows - P0, 0)
         hi = tl.minimum(rows + P1 + 1, Nv)
+        x0 = zero
+        x1 = zero
+    elif KIND == 3:  # ParGo self: P0 = n_partial, (P1, P2) = (left, right) clipped to Np - 1
+        lo = tl.where(is_global, zero + P0, tl.maximum(rows - P1, 0))
+        hi = tl.where(is_global, zero + Nv, tl.minimum(rows + P2 + 1, P0))
         x0 = zero
         x1 = zero
     elif KIND == 0:  # 1-D partial-global: P0 = n_partial
@@ -540,7 +545,8 @@ def aot_specs(arch: int = 90):
                 yield (_attn_bwd_delta_kernel, ptrs,
                        dict(DV=block_d, BLOCK_M=delta_block_m(block_d), BLOCK_DV=block_d),
                        dict(num_warps=4, num_stages=1), f"{ty} d={block_d}")
-            for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
+            for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band"),
+                                (KIND_PARGO_SELF, "pgself")):
                 for kernel, which in ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dq_kernel, "dq"),
                                       (_attn_bwd_dkdv_kernel, "dkdv")):
                     cfg = tile_config(which, block_d, dtype, arch)
