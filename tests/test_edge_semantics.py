@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import pargo_kernels as pk
 from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.testing import REL_TOL, rel_error
+from test_attention import lower_split_threshold
 
 BACKENDS = ["triton", "reference"]
 NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
@@ -36,6 +37,53 @@ CASES = {
                lambda q, k, v, be: pk.pargo_self_attention(q, k, v, 8, (2, 1), backend=be)),
 }
 
+# Shapes whose global tiles split over their keys once the split threshold is lowered
+# (test_attention.lower_split_threshold): the all--inf rows then go through the LSE merge.
+SPLIT_CASES = {
+    "pg1d-split": (PartialGlobalMask(150, 140, 140),
+                   lambda q, k, v, be: pk.partial_global_attention(q, k, v, 140, backend=be)),
+    "pgself-split": (ParGoSelfMask(200, 9, 2, 1),
+                     lambda q, k, v, be: pk.pargo_self_attention(q, k, v, 9, (2, 1), backend=be)),
+}
+
+
+def _sdpa(q, k, v, mask):
+    """Row ``i`` = SDPA of query ``i`` over the keys its mask allows, and only those. (SDPA given
+    the dense mask instead adds -inf to a masked score, so a masked NaN or +inf score would turn
+    the row into NaN: the kernels never compute masked scores, and neither does this oracle.)"""
+    dense = mask.materialize(q.device)
+    with sdpa_kernel(SDPBackend.MATH):  # CPU's flash kernel turns a NaN row into 0, not NaN
+        rows = [F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, dense[i]], v[:, :, dense[i]],
+                                               scale=q.shape[-1] ** -0.5)
+                for i in range(mask.n_query)]
+    return torch.cat(rows, dim=2)
+
+
+def _grads(fn, inputs, grad, dtype=None):
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def assert_same_values(name, actual, expected, dtype):
+    """Same NaN, +inf and -inf positions; the finite elements within the dtype's tolerance."""
+    a, e = actual.detach().double(), expected.detach().double()
+    for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        diff = (test(a) != test(e)).nonzero()
+        assert diff.numel() == 0, f"{name}: {what} pattern differs from SDPA at {diff[:4].tolist()}"
+    finite = torch.isfinite(e)
+    if finite.any():
+        err = rel_error(a[finite], e[finite])
+        assert err <= REL_TOL[dtype], f"{name}: finite part off by {err:.2e} ({dtype})"
+
+
+def _inputs(mask, dtype, device, D=16):
+    q = torch.randn(2, 2, mask.n_query, D, device=device).to(dtype)
+    k = torch.randn(2, 2, mask.n_key, D, device=device).to(dtype)
+    v = torch.randn(2, 2, mask.n_key, D, device=device).to(dtype)
+    return q, k, v
+
 
 # --------------------------------------------------------------------------------------------
 # rows whose scores are all -inf
@@ -45,6 +93,17 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_row_with_all_scores_minus_inf_is_zero_as_sdpa(case, backend, dtype, device):
     _check_minus_inf_rows(CASES[case], backend, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_row_with_all_scores_minus_inf_key_split_is_zero_as_sdpa(case, dtype, device,
+                                                                 monkeypatch):
+    """The same through the key splits of global tiles: every split of such a row has LSE -inf,
+    and the merge must give output 0 and LSE -inf (not exp2(-inf - -inf) = NaN)."""
+    launches = lower_split_threshold(monkeypatch)
+    _check_minus_inf_rows(SPLIT_CASES[case], "triton", dtype, device)
+    assert "fwd_merge" in launches and "dq_reduce" in launches  # the shapes did split
 
 
 def _check_minus_inf_rows(case, backend, dtype, device, D=16):

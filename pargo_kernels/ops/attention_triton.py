@@ -473,12 +473,24 @@ def attention_forward(q, k, v, kind: int, params, scale: float, split_min_iters=
                     PRECISION=_precision(q.dtype, q.device.type == "cpu"),
                     **_mask_scalars(kind, params))
         else:  # fwd_merge: combine the key splits with their log-sum-exps (fixed order)
-            m = lws.amax(1, keepdim=True)
-            w = torch.exp2(lws - m)
-            denom = w.sum(1)
-            _global_rows(out, p).copy_((ows * (w / denom[:, None])[..., None]).sum(1))
-            _global_rows(lse, p).copy_(m[:, 0] + torch.log2(denom))
+            _merge_splits(ows, lws, _global_rows(out, p), _global_rows(lse, p))
     return out, lse
+
+
+def _merge_splits(ows, lws, out, lse):
+    """Write into ``out [B*H, Ng, Dv]`` and ``lse [B*H, Ng]`` the key splits' fp32 partial
+    outputs ``ows [B*H, S, Ng, Dv]`` weighted by their base-2 log-sum-exps ``lws [B*H, S, Ng]``.
+
+    A row whose scores are all -inf (-inf in the inputs) has every split at -inf: as in the
+    kernels, the max is taken as 0 there, so each weight is 2^-inf = 0, the output 0 and the
+    LSE log2(0) = -inf, as SDPA (not exp2(-inf - -inf) = NaN)."""
+    m = lws.amax(1, keepdim=True)
+    m_safe = torch.where(m == float("-inf"), 0.0, m)
+    w = torch.exp2(lws - m_safe)
+    denom = w.sum(1)
+    denom_safe = torch.where(denom == 0.0, 1.0, denom)
+    out.copy_((ows * (w / denom_safe[:, None])[..., None]).sum(1))
+    lse.copy_(m_safe[:, 0] + torch.log2(denom))
 
 
 def _split_arg(split_min_iters):
