@@ -51,13 +51,14 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, _p)
 
 from pargo_kernels.attention import cascade_windows  # noqa: E402
-from pargo_kernels.masks import BandMask, PartialGlobalMask  # noqa: E402
+from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask  # noqa: E402
 from pargo_kernels.ops import attention_plan as plan  # noqa: E402
 
 H100_SMS, H100_SMEM, H100_REGS, H100_WARPS, H100_BLOCKS = 132, 228 * 1024, 65536, 64, 32
 SMEM_RESERVED = 1024  # per block, CUDA's reservation
 ELEM = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
-KIND_NAMES = {plan.KIND_PG1D: "pg1d", plan.KIND_PG2D: "pg2d", plan.KIND_BAND: "band"}
+KIND_NAMES = {plan.KIND_PG1D: "pg1d", plan.KIND_PG2D: "pg2d", plan.KIND_BAND: "band",
+              plan.KIND_PARGO_SELF: "pgself"}
 # kernel launched for each launch name of a plan (dq_delta runs the dQ kernel's delta pass only)
 KERNELS = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel",
            "dq_delta": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel",
@@ -84,7 +85,28 @@ def attention_cases() -> dict:
         mask = BandMask(288, left, right)
         cases[f"band-l{layer}"] = ("band", plan.Problem(256, 8, 288, 288, 64, 64, bf16, mask.kind,
                                                         mask.params), mask)
+    for name, window in pargo_self_windows().items():
+        mask = ParGoSelfMask(288 + 16, 288, *(window or (None, None)))
+        cases[f"pgself-{name}"] = ("pargo_self", plan.Problem(256, 8, 304, 304, 64, 64, bf16,
+                                                              mask.kind, mask.params), mask)
     return cases
+
+
+def pargo_self_windows() -> dict:
+    """ParGo's self-attention windows over Np = 288 partial queries: the released code's static
+    mask (None) and the six symmetric cascade bands."""
+    bands = cascade_windows(288, 6, "symmetric")
+    return {"none": None, **{f"l{i}": w for i, w in enumerate(bands, 1)}}
+
+
+def two_launch_parts(mask: ParGoSelfMask, p: plan.Problem):
+    """What ``pargo_self_attention`` replaces: a band over the partial tokens and full
+    attention over the global tokens (a band wide enough), as ``(Problem, mask)`` pairs."""
+    np_, ng = mask.n_partial, mask.n - mask.n_partial
+    band = BandMask(np_, *(mask.params[1:3]))
+    full = BandMask(ng, ng - 1, ng - 1)
+    return [(plan.Problem(p.B, p.H, m.n, m.n, p.D, p.Dv, p.dtype, m.kind, m.params), m)
+            for m in (band, full)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,16 +364,48 @@ def what_if(p: plan.Problem, row: dict) -> dict:
     return out
 
 
+_SUMMED = ("flops_issued", "flops_ideal", "flops_dense", "flops_flex128", "bytes_floor",
+           "bytes_requested", "programs")
+
+
+def two_launch_row(case: str, p: plan.Problem, mask: ParGoSelfMask, which: str) -> dict:
+    """The two-launch composition ``pargo_self_attention`` replaces (band over the partials, full
+    attention over the globals, ``torch.cat`` of the outputs): the two ops' rows summed (their
+    launches run one after the other), plus the concatenation's bytes (forward: both outputs
+    read, the whole written; backward: dO is sliced as views, no copy)."""
+    parts = [attention_row("band", case, pp, m, which) for pp, m in two_launch_parts(mask, p)]
+    row = dict(parts[0], op="pargo_self_2launch", case=case,
+               shape=dict(parts[0]["shape"], Nq=p.Nq, Nv=p.Nv, kind=p.kind,
+                          params=list(p.params)))
+    for key in _SUMMED:
+        row[key] = sum(r[key] for r in parts)
+    longest = max(parts, key=lambda r: (r["max_iters_per_program"], r["programs"]))
+    for key in ("max_iters_per_program", "mean_iters_per_program", "iters_launch"):
+        row[key] = longest[key]
+    row["launches"] = parts[0]["launches"] + parts[1]["launches"]
+    if which == "fwd":
+        cat = 2 * p.heads * p.Nq * p.Dv * ELEM[p.dtype]
+        row["bytes_requested"] += cat
+        row["launches"].append(dict(name="cat", programs=0, tiles_per_head=0, cfg={}, flops=0,
+                                    max_iters=0, mean_iters=0.0, resident=0, bytes=cat))
+    return row
+
+
 def attention_rows(cases=None) -> list[dict]:
     rows = []
     for name, (op, p, mask) in attention_cases().items():
-        if cases and name not in cases and not (name.startswith("band") and "band" in cases):
+        if cases and name not in cases and not any(name.startswith(f"{c}-") for c in cases):
             continue
         for which in ("fwd", "bwd"):
             row = attention_row(op, name, p, mask, which)
             row["roofline_us"] = roofline_us(row["flops_issued"], row["bytes_requested"])
             row["what_if"] = what_if(p, row)
             rows.append(row)
+            if op == "pargo_self":
+                two = two_launch_row(name, p, mask, which)
+                two["flops_dense"] = row["flops_dense"]  # every pair of the same N x N problem
+                two["roofline_us"] = roofline_us(two["flops_issued"], two["bytes_requested"])
+                rows.append(two)
     return rows
 
 

@@ -11,6 +11,9 @@
 //   kind 0 (KIND_PG1D): p = (n_partial, 0, 0, 0, 0)
 //   kind 1 (KIND_PG2D): p = (n_partial, Hv, Wv, hp, wp)
 //   kind 2 (KIND_BAND): p = (left, right, 0, 0, 0), both already clipped to N - 1
+//   kind 3 (KIND_PARGO_SELF): p = (n_partial, left, right, 0, 0), left and right clipped to
+//     max(n_partial - 1, 0); partial rows see the band among partial keys, global rows the
+//     global keys [n_partial, N)
 #pragma once
 
 #include <cstdint>
@@ -24,6 +27,7 @@ namespace pargo {
 constexpr int kAttnKindPG1D = 0;
 constexpr int kAttnKindPG2D = 1;
 constexpr int kAttnKindBand = 2;
+constexpr int kAttnKindParGoSelf = 3;
 
 struct AttnShape {
   int64_t batch;  // B

@@ -9,7 +9,8 @@
 //   (an error of ~2^-8 |O| |dO|), the same choice as attention_triton.py;
 // * dK/dV: one CTA per (batch * head, 64-key tile), 4 warps x 16 keys; streams the query rows
 //   whose windows can hold one of its keys (the inverse window map, partial_rows_of_keys), then,
-//   for partial-global masks, every global query; computes S^T = K Q^T and dP^T = V dO^T so that
+//   for partial-global masks, every global query (ParGo self-attention: only for tiles holding
+//   a global key, global_rows_end); computes S^T = K Q^T and dP^T = V dO^T so that
 //   P^T and dS^T come out as A fragments: dV += P^T dO, dK += dS^T Q.
 // All products on tensor cores (mma.sync m16n8k16, fp32 accumulation); P and dS are rounded to
 // the input dtype before their products, as in the Triton kernels.
@@ -346,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(const BwdArg
   const int n_segments = m.kind == kAttnKindBand ? 1 : 2;
   for (int seg = 0; seg < n_segments; ++seg) {
     dkdv_rows<T, D, TWO_D>(dk, dv, a, m, sK, sV, sQ, sdO, sWin, sStat, Q, dO, bh,
-                           seg == 0 ? q_lo : m.p0, seg == 0 ? q_hi : m.nq, seg == 1, key, xkey,
-                           warp, g, t);
+                           seg == 0 ? q_lo : m.p0, seg == 0 ? q_hi : global_rows_end(n_last, m),
+                           seg == 1, key, xkey, warp, g, t);
   }
 
   T* dK = static_cast<T*>(a.dk) + b * a.sdk.b + h * a.sdk.h;

@@ -208,7 +208,8 @@ const char* attention_unsupported_reason(DType dtype, const AttnShape& s) {
   if (dtype == DType::kFloat32) return "fp32 uses the Triton backend";
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return "dtype must be fp16 or bf16";
   if (s.head_dim != 64 && s.head_dim != 128) return "head dim must be 64 or 128";
-  if (s.kind != kAttnKindPG1D && s.kind != kAttnKindPG2D && s.kind != kAttnKindBand) {
+  if (s.kind != kAttnKindPG1D && s.kind != kAttnKindPG2D && s.kind != kAttnKindBand &&
+      s.kind != kAttnKindParGoSelf) {
     return "unknown mask kind";
   }
   if (s.kind == kAttnKindPG2D && (s.p[1] <= 0 || s.p[2] <= 0 || s.p[3] <= 0 || s.p[4] <= 0)) {

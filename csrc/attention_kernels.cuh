@@ -209,6 +209,9 @@ __device__ __forceinline__ Window row_window(int row, bool valid, bool is_global
   if (m.kind == kAttnKindBand) {  // p0 = left, p1 = right
     w.lo = max(row - m.p0, 0);
     w.hi = min(row + m.p1 + 1, m.nv);
+  } else if (m.kind == kAttnKindParGoSelf) {  // p0 = n_partial, (p1, p2) = (left, right)
+    w.lo = is_global ? m.p0 : max(row - m.p1, 0);
+    w.hi = is_global ? m.nv : min(row + m.p2 + 1, m.p0);
   } else if (is_global) {  // global queries see every key (every column of a 2-D grid)
     w.lo = 0;
     w.hi = m.nv;
@@ -279,6 +282,9 @@ __device__ __forceinline__ void partial_rows_of_keys(int n0, int n_last, const M
   if (m.kind == kAttnKindBand) {
     q_lo = max(n0 - m.p1, 0);
     q_hi = min(n_last + m.p0 + 1, m.nq);
+  } else if (m.kind == kAttnKindParGoSelf) {  // partial key j: partial rows [j - right, j + left]
+    q_lo = max(n0 - m.p2, 0);
+    q_hi = n0 < m.p0 ? min(n_last + m.p1 + 1, m.p0) : 0;
   } else if (m.kind == kAttnKindPG1D) {
     const int64_t nv = m.nv;
     q_lo = max(static_cast<int>(((n0 + 1) * static_cast<int64_t>(m.p0) + nv - 1) / nv) - 1, 0);
@@ -289,6 +295,12 @@ __device__ __forceinline__ void partial_rows_of_keys(int n0, int n_last, const M
     q_lo = r_lo * m.p4;
     q_hi = r_hi * m.p4;
   }
+}
+
+// End of the global query rows [p0, end) that can see a key in [n0, n_last]: all of them for
+// partial-global masks; for ParGo self-attention none unless the tile holds a global key.
+__device__ __forceinline__ int global_rows_end(int n_last, const Mask& m) {
+  return m.kind == kAttnKindParGoSelf && n_last < m.p0 ? m.p0 : m.nq;
 }
 
 // Host: column stride 1 and every row start aligned to `elems` 2-byte elements (16-byte vector

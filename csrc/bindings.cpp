@@ -17,6 +17,8 @@
 // of pargo_kernels/masks.py (pargo_kernels/attention.py wraps these in pargo::masked_attention_*).
 #include <Python.h>
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -132,15 +134,22 @@ pargo::AttnShape attention_shape(const at::Tensor& q, const at::Tensor& k, const
                 params);
   }
   TORCH_CHECK(kind == pargo::kAttnKindPG1D || kind == pargo::kAttnKindPG2D ||
-                  kind == pargo::kAttnKindBand,
+                  kind == pargo::kAttnKindBand || kind == pargo::kAttnKindParGoSelf,
               "attention: unknown mask kind ", kind);
   const int64_t nq = q.size(2), nv = k.size(2);
-  if (kind == pargo::kAttnKindBand) {
-    TORCH_CHECK(nq == nv, "attention: a band mask needs Nq == Nv, got ", nq, " and ", nv);
+  if (kind == pargo::kAttnKindBand || kind == pargo::kAttnKindParGoSelf) {
+    TORCH_CHECK(nq == nv, "attention: a band / ParGo self-attention mask needs Nq == Nv, got ",
+                nq, " and ", nv);
   } else {
     TORCH_CHECK(params[0] <= nq && params[0] <= nv, "attention: n_partial ", params[0],
                 " must be <= Nq (", nq, ") and <= Nv (", nv, ")");
     TORCH_CHECK(params[0] * nv <= INT32_MAX, "attention: n_partial * Nv exceeds 2**31 - 1");
+  }
+  if (kind == pargo::kAttnKindParGoSelf) {
+    const int64_t span = std::max<int64_t>(params[0] - 1, 0);
+    TORCH_CHECK(params[0] <= nq && params[1] <= span && params[2] <= span,
+                "attention: ParGo self-attention params (n_partial, left, right) = ", params,
+                " need n_partial <= N = ", nq, " and left, right <= max(n_partial - 1, 0)");
   }
   if (kind == pargo::kAttnKindPG2D) {
     TORCH_CHECK(params[1] * params[2] == nv && params[3] * params[4] == params[0] &&

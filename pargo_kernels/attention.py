@@ -1,4 +1,5 @@
-"""Public attention ops: partial-global cross-attention and banded (cascaded) self-attention.
+"""Public attention ops: partial-global cross-attention, banded (cascaded) self-attention and
+ParGo's whole self-attention (partial band + global block) in one launch.
 
 Layering (as in FlashAttention / Liger): Triton kernels and launchers live in
 ``ops/attention_triton.py``; here they are registered as ``torch.library`` custom ops with fake
@@ -20,7 +21,7 @@ from torch import Tensor
 from . import _backend, _cuda
 from ._transforms import autocast_like_sdpa, no_double_backward, refuse_functorch, register_autocast
 from ._validate import check_int, check_same, check_scale, check_tensor
-from .masks import BandMask, PartialGlobalMask
+from .masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from .reference import masked_attention
 
 MAX_HEAD_DIM = 256
@@ -258,6 +259,51 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, window: Sequence[int], *,
     return _run("band_attention", q, k, v, mask, scale, backend)
 
 
+def pargo_self_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int,
+                         window: Optional[Sequence[int]] = None, *, scale: Optional[float] = None,
+                         backend: str = "auto") -> Tensor:
+    """ParGo's whole self-attention in one launch (DESIGN.md §4): the partial queries' band and
+    the global queries' block, which nothing crosses.
+
+    ``q, k, v``: ``[B, H, N, D]`` (``v`` may have its own head dim), any strides; the first
+    ``n_partial`` tokens are partial, the rest global. Rows ``i < Np`` attend to keys
+    ``j < Np`` with ``i - left <= j <= i + right`` (``window = (left, right)``, non-negative ints;
+    wider than ``Np`` is clipped); ``window=None`` lets them see every partial key (the released
+    ParGo code's static mask). Rows ``i >= Np`` attend to keys ``[Np, N)``. ``n_partial = 0`` is
+    full attention over ``N``, ``n_partial = N`` a pure band. With ``Np = 5, N = 7,
+    window = (1, 0)``::
+
+        #......
+        ##.....
+        .##....
+        ..##...
+        ...##..
+        .....##
+        .....##
+
+    Equals ``band_attention`` on the partial rows concatenated with full attention on the global
+    rows, in one launch of each kernel. The window reaches the kernels as int scalars: a new
+    window per layer costs no recompilation and builds no mask tensor. ``backend`` as in
+    :func:`partial_global_attention`.
+    """
+    _check_qkv(q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"pargo_self_attention is self-attention: k has {k.shape[2]} tokens but "
+                         f"q has {q.shape[2]}")
+    if window is None:
+        left = right = None
+    elif not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError("window must be None or a pair (left, right) of non-negative ints, got "
+                        f"{window!r}")
+    else:
+        left, right = window
+        if left is None or right is None:
+            raise TypeError(f"window must be None or a pair of ints, got {window!r}")
+    mask = ParGoSelfMask(q.shape[2], n_partial, left, right)
+    scale = check_scale(scale, q.shape[3])
+    return _run("pargo_self_attention", q, k, v, mask, scale, backend)
+
+
 CASCADE_MODES = ("causal", "symmetric")
 
 
@@ -298,4 +344,5 @@ def _grid(name, grid):
     raise TypeError(f"{name} must be a pair (rows, cols) of ints, got {grid!r}")
 
 
-__all__ = ["partial_global_attention", "band_attention", "cascade_windows"]
+__all__ = ["partial_global_attention", "band_attention", "pargo_self_attention",
+           "cascade_windows"]

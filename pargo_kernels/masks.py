@@ -17,6 +17,7 @@ from ._validate import check_grid, check_int
 KIND_PG1D = 0  # partial queries on 1-D windows, then global queries
 KIND_PG2D = 1  # partial queries on a 2-D grid of adaptive windows, then global queries
 KIND_BAND = 2  # query i sees keys [i - left, i + right]
+KIND_PARGO_SELF = 3  # band among rows [0, Np) within [0, Np), then rows [Np, N) see [Np, N)
 
 _INT32_MAX = 2**31 - 1
 
@@ -124,8 +125,7 @@ class BandMask:
 
     def __post_init__(self):
         check_int("n", self.n, 1)
-        check_int("window[0] (left)", self.left, 0)
-        check_int("window[1] (right)", self.right, 0)
+        _check_window(self.left, self.right)
 
     n_query = property(lambda self: self.n)
     n_key = property(lambda self: self.n)
@@ -140,6 +140,60 @@ class BandMask:
         i = torch.arange(self.n, device=device)
         d = i[None, :] - i[:, None]  # j - i
         return (d >= -self.left) & (d <= self.right)
+
+
+@dataclass(frozen=True)
+class ParGoSelfMask:
+    """ParGo's whole self-attention over ``n`` queries (DESIGN.md §4): partial rows
+    ``i < n_partial`` see keys ``j < n_partial`` with ``i - left <= j <= i + right``; global rows
+    ``i >= n_partial`` see keys ``[n_partial, n)``; nothing crosses between the two groups.
+
+    ``left = right = None`` (the released ParGo code's static mask) lets every partial row see
+    every partial key. Windows wider than ``n_partial`` are valid and clipped. ``n_partial = 0``
+    is full attention over ``n``; ``n_partial = n`` a pure band. Every row sees itself.
+    """
+
+    n: int
+    n_partial: int
+    left: Optional[int] = None
+    right: Optional[int] = None
+
+    def __post_init__(self):
+        n = check_int("n", self.n, 1)
+        np_ = check_int("n_partial", self.n_partial, 0)
+        if np_ > n:
+            raise ValueError(f"n_partial ({np_}) must be <= the number of tokens N ({n})")
+        if (self.left is None) != (self.right is None):
+            raise ValueError("window must be a pair (left, right) of non-negative ints or None, "
+                             f"got left={self.left!r}, right={self.right!r}")
+        if self.left is not None:
+            _check_window(self.left, self.right)
+
+    n_query = n_key = property(lambda self: self.n)
+    kind = KIND_PARGO_SELF
+
+    @property
+    def params(self) -> tuple[int, int, int, int, int]:
+        # (n_partial, left, right): None and wider windows are clipped to n_partial - 1, which
+        # changes nothing (no partial key lies beyond) and keeps i + right + 1 inside int32.
+        span = max(self.n_partial - 1, 0)
+        left = span if self.left is None else min(self.left, span)
+        right = span if self.right is None else min(self.right, span)
+        return (self.n_partial, left, right, 0, 0)
+
+    def materialize(self, device=None) -> torch.Tensor:
+        """Dense boolean ``[n, n]`` mask, True where attention is allowed (tests only); built from
+        the unclipped window, independently of :attr:`params`."""
+        window = (self.n, self.n) if self.left is None else (self.left, self.right)
+        band = BandMask(self.n, *window).materialize(device)
+        partial = torch.arange(self.n, device=device) < self.n_partial
+        same = partial[:, None] == partial[None, :]
+        return same & (band | ~partial[:, None])
+
+
+def _check_window(left, right) -> None:
+    check_int("window[0] (left)", left, 0)
+    check_int("window[1] (right)", right, 0)
 
 
 def ascii_mask(mask: torch.Tensor, max_cols: int = 72) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pargo_kernels as pk
-from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.ops import attention_triton
 from pargo_kernels.reference import masked_attention
 from pargo_kernels.testing import assert_close, randn, rel_error, run_with_grads
@@ -114,30 +114,46 @@ def test_band_matches_oracle(case, backend, device):
            torch.float32, device, backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["1d", "2d"])
-def test_global_rows_split_over_keys(variant, dtype, device, monkeypatch):
-    """Global tiles split over their keys (flash-decoding style, merged with the log-sum-exp;
-    dQ partials reduced), forward and every gradient: the split threshold is lowered so that
-    these small shapes split, and the plan is checked to have split."""
+def lower_split_threshold(monkeypatch) -> list:
+    """Make the launch plans split global tiles over their keys at any length
+    (``split_min_iters=1``); returns the list the names of the planned launches go to, so that
+    a test can check that its shapes did split (a ``fwd_merge`` / ``dq_reduce`` launch)."""
     from pargo_kernels.ops import attention_plan as plan
-    splits = []
+    names = []
     for fn in ("forward_plan", "backward_plan"):
         real = getattr(plan, fn)
 
         def lowered(p, _real=real, **kw):
             launches = _real(p, split_min_iters=1)
-            splits.extend(la.name for la in launches)
+            names.extend(la.name for la in launches)
             return launches
         monkeypatch.setattr(plan, fn, lowered)
-    if variant == "1d":
-        mask = PartialGlobalMask(150, 140, 140)
-    else:
-        mask = PartialGlobalMask(259, 512, 256, (8, 64), (8, 32))
+    return names
 
-    def op(q, k, v, be):
-        return pk.partial_global_attention(q, k, v, mask.n_partial, visual_grid=mask.visual_grid,
-                                           partial_grid=mask.partial_grid, backend=be)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["1d", "2d", "pgself"])
+def test_global_rows_split_over_keys(variant, dtype, device, monkeypatch):
+    """Global tiles split over their keys (flash-decoding style, merged with the log-sum-exp;
+    dQ partials reduced), forward and every gradient: the split threshold is lowered so that
+    these small shapes split, and the plan is checked to have split. ParGo self-attention's
+    global rows split their keys [Np, N) only (Np = 41: the splits start mid-tile)."""
+    splits = lower_split_threshold(monkeypatch)
+    if variant == "pgself":
+        mask = ParGoSelfMask(250, 41, 2, 1)
+
+        def op(q, k, v, be):
+            return pk.pargo_self_attention(q, k, v, 41, (2, 1), backend=be)
+    else:
+        if variant == "1d":
+            mask = PartialGlobalMask(150, 140, 140)
+        else:
+            mask = PartialGlobalMask(259, 512, 256, (8, 64), (8, 32))
+
+        def op(q, k, v, be):
+            return pk.partial_global_attention(q, k, v, mask.n_partial,
+                                               visual_grid=mask.visual_grid,
+                                               partial_grid=mask.partial_grid, backend=be)
     _check(op, mask, 1, 2, 32, 32, dtype, device, "triton")
     assert "fwd_merge" in splits and "dq_reduce" in splits
     assert ("dq_delta" in splits) == (dtype != torch.float32)

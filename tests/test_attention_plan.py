@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pargo_kernels as pk
-from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.ops import attention_plan as plan
 from pargo_kernels.reference import masked_attention
 from pargo_kernels.testing import assert_close, run_with_grads
@@ -49,21 +49,47 @@ def _brute_force_rows(mask, n0, n1):
 
 @pytest.mark.parametrize("mask", [PartialGlobalMask(20, 37, 13), PartialGlobalMask(304, 576, 288),
                                   PartialGlobalMask(9, 35, 6, (5, 7), (3, 2)),
-                                  BandMask(77, 3, 7), BandMask(40, 0, 0)],
-                         ids=["pg1d", "paper", "pg2d", "band", "band-self"])
+                                  BandMask(77, 3, 7), BandMask(40, 0, 0),
+                                  ParGoSelfMask(70, 37, 3, 7), ParGoSelfMask(64, 40),
+                                  ParGoSelfMask(50, 50, 4, 2), ParGoSelfMask(33, 0)],
+                         ids=["pg1d", "paper", "pg2d", "band", "band-self", "pgself-straddle",
+                              "pgself-none", "pgself-npN", "pgself-np0"])
 def test_key_tile_rows_are_exact(mask):
     p = _problem(mask)
     table = plan.key_entries(p, 16, 16)
+    dense = mask.materialize()
     for n0, q_lo, q_hi, g_lo, g_hi, _ in table:
-        want = _brute_force_rows(mask, n0, min(n0 + 16, mask.n_key))
+        n1 = min(n0 + 16, mask.n_key)
+        want = _brute_force_rows(mask, n0, n1)
         if isinstance(mask, PartialGlobalMask) and mask.visual_grid:  # contains the rows
             assert want is None or (q_lo <= want[0] and want[1] <= q_hi)
+        elif want is None:  # ParGo self: a key tile of global keys only
+            assert q_lo == q_hi
         else:
             assert (q_lo, q_hi) == want
         if isinstance(mask, BandMask):
             assert g_lo == g_hi == 0
+        elif isinstance(mask, ParGoSelfMask):  # the global rows, iff they see a key of the tile
+            seen = bool(dense[mask.n_partial:, n0:n1].any())
+            assert (g_lo, g_hi) == (mask.n_partial, mask.n_query if seen else mask.n_partial)
         else:
             assert (g_lo, g_hi) == (mask.n_partial, mask.n_query)
+
+
+@pytest.mark.parametrize("split", [64, 1])
+def test_pargo_self_global_tiles_see_only_global_keys(split):
+    """Global query tiles of ParGo self-attention visit the keys [Np, N) only, split or not, and
+    their key splits cover [Np, N) exactly once; partial tiles stay inside [0, Np)."""
+    mask = ParGoSelfMask(300, 41, 2, 1)
+    table = plan.query_entries(_problem(mask), 16, 16, split)
+    glob = table[table[:, 4] == 1]
+    for m0 in set(glob[:, 0].tolist()):
+        ranges = sorted((int(a), int(b)) for a, b in glob[glob[:, 0] == m0][:, 2:4])
+        assert ranges[0][0] == 41 and ranges[-1][1] == 300
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert (len(ranges) > 1) == (split == 1)
+    part = table[table[:, 4] == 0]
+    assert part[:, 2].min() >= 0 and part[:, 3].max() <= 41
 
 
 def test_key_tile_rows_near_int32_limit():

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pargo_kernels as pk
-from pargo_kernels.masks import BandMask, PartialGlobalMask
+from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.testing import REL_TOL, rel_error
+from test_attention import lower_split_threshold
 
 BACKENDS = ["triton", "reference"]
 NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
@@ -32,6 +33,17 @@ CASES = {
              lambda q, k, v, be: pk.band_attention(q, k, v, (2, 1), backend=be)),
     "cross-np0": (PartialGlobalMask(7, 19, 0),
                   lambda q, k, v, be: pk.partial_global_attention(q, k, v, 0, backend=be)),
+    "pgself": (ParGoSelfMask(13, 8, 2, 1),
+               lambda q, k, v, be: pk.pargo_self_attention(q, k, v, 8, (2, 1), backend=be)),
+}
+
+# Shapes whose global tiles split over their keys once the split threshold is lowered
+# (test_attention.lower_split_threshold): the all--inf rows then go through the LSE merge.
+SPLIT_CASES = {
+    "pg1d-split": (PartialGlobalMask(150, 140, 140),
+                   lambda q, k, v, be: pk.partial_global_attention(q, k, v, 140, backend=be)),
+    "pgself-split": (ParGoSelfMask(200, 9, 2, 1),
+                     lambda q, k, v, be: pk.pargo_self_attention(q, k, v, 9, (2, 1), backend=be)),
 }
 
 
@@ -80,7 +92,18 @@ def _inputs(mask, dtype, device, D=16):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_row_with_all_scores_minus_inf_is_zero_as_sdpa(case, backend, dtype, device):
-    _check_minus_inf_rows(case, backend, dtype, device)
+    _check_minus_inf_rows(CASES[case], backend, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_row_with_all_scores_minus_inf_key_split_is_zero_as_sdpa(case, dtype, device,
+                                                                 monkeypatch):
+    """The same through the key splits of global tiles: every split of such a row has LSE -inf,
+    and the merge must give output 0 and LSE -inf (not exp2(-inf - -inf) = NaN)."""
+    launches = lower_split_threshold(monkeypatch)
+    _check_minus_inf_rows(SPLIT_CASES[case], "triton", dtype, device)
+    assert "fwd_merge" in launches and "dq_reduce" in launches  # the shapes did split
 
 
 def _check_minus_inf_rows(case, backend, dtype, device, D=16):
@@ -88,7 +111,7 @@ def _check_minus_inf_rows(case, backend, dtype, device, D=16):
     row, dq = 0 for it and dv unaffected by it; dk's column 0 is NaN (0 * -inf in dS^T Q) for
     the keys the row's tiles reach (SDPA: every key; compared exactly where the row sees every
     key, elsewhere outside that column)."""
-    mask, call = CASES[case]
+    mask, call = case
     q, k, v = _inputs(mask, dtype, device, D)
     k[..., 0] = k[..., 0].abs() + 0.5
     rows = [1, mask.n_query - 1]  # a first-segment row and the last row (global for pg)
@@ -168,7 +191,7 @@ def _cuda_skip_reason() -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_kernels_edge_semantics(case):
     for dtype in (torch.float16, torch.bfloat16):
-        _check_minus_inf_rows(case, "cuda", dtype, "cuda", D=64)
+        _check_minus_inf_rows(CASES[case], "cuda", dtype, "cuda", D=64)
         for value in NONFINITE:
             for where in ("q", "kv"):
                 _check_nonfinite(case, value, where, "cuda", dtype, "cuda", D=64)

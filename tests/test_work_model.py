@@ -60,6 +60,9 @@ CASES = {
     "pg1d-np0": (9, 100, 0, (0, 0, 0, 0, 0), 16, 16),
     "pg2d": (259, 256, 1, (256, 16, 16, 16, 16), 32, 32),
     "band": (70, 70, 2, (9, 4, 0, 0, 0), 32, 16),
+    # ParGo self: global rows see keys [41, 230) only (splits start mid-tile); partial band
+    "pgself": (230, 230, 3, (41, 2, 1, 0, 0), 24, 40),
+    "pgself-none": (300, 300, 3, (40, 39, 39, 0, 0), 16, 16),
 }
 
 

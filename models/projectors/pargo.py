@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from pargo_kernels import band_attention, cascade_windows
+from pargo_kernels import cascade_windows, pargo_self_attention
 from pargo_kernels.attention import CASCADE_MODES
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 
@@ -48,17 +48,9 @@ def _self_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int,
     """The self-attention of every ParGo / Q-Former layer (``q, k, v``: ``[B, H, N, D]``): rows
     ``[0, n_partial)`` attend to keys ``[0, n_partial)`` within the band ``window=(left, right)``
     (``None``: all partial keys, the released mask), rows ``[n_partial, N)`` to keys
-    ``[n_partial, N)``. Two launches (a band over the partials, a full band over the globals)
-    and a concatenation. Same signature and semantics as the fused one-launch
-    ``pargo_kernels.pargo_self_attention``, which replaces this body when it lands."""
-    n = q.shape[2]
-    parts = []
-    for lo, hi, w in ((0, n_partial, window), (n_partial, n, None)):
-        if hi > lo:
-            w = (hi - lo - 1, hi - lo - 1) if w is None else w
-            parts.append(band_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], w,
-                                        backend=backend))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    ``[n_partial, N)``: one launch of ``pargo_kernels.pargo_self_attention`` (mask kind 3), in
+    place of a band over the partials, a full band over the globals and a concatenation."""
+    return pargo_self_attention(q, k, v, n_partial, window, backend=backend)
 
 
 @dataclass(frozen=True)

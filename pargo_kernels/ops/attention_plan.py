@@ -15,7 +15,8 @@ launch order, so the head's K/V are reused from L2, as in FlashAttention). Entri
   (merged afterwards with the log-sum-exp, deterministically), ``-1`` a tile that owns its rows;
 * key programs (dK/dV): ``(n0, q_lo, q_hi, g_lo, g_hi, 0)``: keys ``[n0, n0 + BLOCK_N)``, query
   loops ``range(q_lo, q_hi, BLOCK_M)`` (rows of the first segment whose windows can reach the
-  tile, exact) and ``range(g_lo, g_hi, BLOCK_M)`` (global rows, which see every key).
+  tile, exact) and ``range(g_lo, g_hi, BLOCK_M)`` (global rows, which see every key; ParGo self:
+  every key of ``[Np, N)``, so key tiles inside ``[0, Np)`` get none).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-KIND_PG1D, KIND_PG2D, KIND_BAND = 0, 1, 2
+KIND_PG1D, KIND_PG2D, KIND_BAND, KIND_PARGO_SELF = 0, 1, 2, 3
 ENTRY = 6  # ints per table entry
 MAX_GRID = 2**31 - 1  # CUDA grid x limit; the only grid axis the kernels use
 
@@ -108,9 +109,10 @@ def arch_refusal(capability: tuple[int, int], dtype: torch.dtype, head_dim: int 
 
 # Where the table above spills or exceeds the shared memory on an architecture (found by
 # `python -m pargo_kernels.aot --arch 75 86 89 80 90`; sm_86/89 have 99 KB of shared memory).
-# fp32 d=128 dK/dV: 8 warps spill on sm_80 (2-D windows), 4 warps spill on sm_90.
+# fp32 d=128 dK/dV: 8 warps spill on sm_80 (2-D windows), 4 warps spill on sm_90. fp32 d=64 dQ
+# on sm_75/80: 32x32 tiles spill with 4 warps (2-D windows) and with 8 (ParGo self), 32x16 not.
 _DKDV_FP32_128 = {("dkdv", "fp32", 128): (16, 32, 4, 1)}
-_SM80 = {**_DKDV_FP32_128, ("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 64): (32, 32, 8, 1),
+_SM80 = {**_DKDV_FP32_128, ("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 64): (32, 16, 4, 1),
          ("fwd", "fp32", 64): (32, 32, 4, 1)}
 _SM86 = {**_DKDV_FP32_128, ("fwd", "fp32", 256): (16, 16, 8, 1)}
 _ARCH_CONFIGS = {75: _SM80, 80: _SM80, 86: _SM86, 89: _SM86}
@@ -201,11 +203,18 @@ def row_windows(p: Problem, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     P = [int(x) for x in p.params]
     if p.kind == KIND_BAND:
         return np.maximum(rows - P[0], 0), np.minimum(rows + P[1] + 1, p.Nv)
+    if p.kind == KIND_PARGO_SELF:  # (n_partial, left, right): a band inside [0, Np)
+        return np.maximum(rows - P[1], 0), np.minimum(rows + P[2] + 1, P[0])
     if p.kind == KIND_PG1D:
         n_p = max(P[0], 1)
         return rows * p.Nv // n_p, (rows + 1) * p.Nv // n_p
     r = rows // P[4]
     return (r * P[1]) // P[3] * P[2], ((r + 1) * P[1] + P[3] - 1) // P[3] * P[2]
+
+
+def global_key_start(p: Problem) -> int:
+    """First key the global rows see: 0, or ``Np`` for ParGo self-attention (keys ``[Np, N)``)."""
+    return p.n_seg if p.kind == KIND_PARGO_SELF else 0
 
 
 def query_entries(p: Problem, block_m: int, block_n: int, split_min_iters: int) -> np.ndarray:
@@ -219,17 +228,18 @@ def query_entries(p: Problem, block_m: int, block_n: int, split_min_iters: int) 
         seg.append((m0, row_end, int(lo[0]), int(hi[1]), 0, -1))
     glob = []
     if p.kind != KIND_BAND and p.Nq > n_seg:
-        iters = cdiv(p.Nv, block_n)
+        k0 = global_key_start(p)
+        iters = cdiv(p.Nv - k0, block_n)
         longest = max((cdiv(e[3] - e[2], block_n) for e in seg), default=0)
         chunk = max(longest, split_min_iters, 1)
         splits = 1 if iters <= 2 * chunk else cdiv(iters, chunk)
         per = cdiv(iters, splits) * block_n
         for m0 in range(n_seg, p.Nq, block_m):
             if splits == 1:
-                glob.append((m0, p.Nq, 0, p.Nv, 1, -1))
+                glob.append((m0, p.Nq, k0, p.Nv, 1, -1))
             else:
-                glob += [(m0, p.Nq, s * per, min((s + 1) * per, p.Nv), 1, s)
-                         for s in range(cdiv(p.Nv, per))]
+                glob += [(m0, p.Nq, k0 + s * per, min(k0 + (s + 1) * per, p.Nv), 1, s)
+                         for s in range(cdiv(p.Nv - k0, per))]
     return np.array(glob + seg, dtype=np.int64).reshape(-1, ENTRY)
 
 
@@ -247,6 +257,7 @@ def key_entries(p: Problem, block_m: int, block_n: int) -> np.ndarray:
         q_lo = q_hi = np.zeros_like(n0)
     g_lo = np.full_like(n0, n_seg if p.kind != KIND_BAND else 0)
     g_hi = np.full_like(n0, p.Nq if p.kind != KIND_BAND else 0)
+    g_hi = np.where(n_last >= global_key_start(p), g_hi, g_lo)  # ParGo self: only keys [Np, N)
     return np.stack([n0, q_lo, q_hi, g_lo, g_hi, np.zeros_like(n0)], 1)
 
 

@@ -1,7 +1,7 @@
 """Triton kernels for block-sparse masked attention: partial-global (1-D, 2-D) and banded.
 
 One family of kernels serves every mask of :mod:`pargo_kernels.masks`. The mask reaches a kernel
-as ``KIND`` (a constexpr: 1-D partial-global, 2-D partial-global or band) and five int scalars
+as ``KIND`` (a constexpr: 1-D / 2-D partial-global, band, ParGo self) and five int scalars
 ``P0..P4`` that are never specialised on, so a new window costs no recompilation. From these
 scalars each kernel derives, per query row, the half-open key interval ``[lo, hi)`` (plus a
 column interval ``[x0, x1)`` for 2-D windows). The range of tiles each program visits comes from
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import KIND_BAND, KIND_PG1D, KIND_PG2D
+from ..masks import KIND_BAND, KIND_PARGO_SELF, KIND_PG1D, KIND_PG2D
 from . import attention_plan as plan
 from .attention_plan import Problem, block_dims, delta_block_m, tile_config
 
@@ -63,6 +63,11 @@ def _row_windows(rows, valid, is_global, Nv, P0, P1, P2, P3, P4, KIND: tl.conste
     if KIND == 2:  # band: P0 = left, P1 = right (both already clipped to N - 1)
         lo = tl.maximum(rows - P0, 0)
         hi = tl.minimum(rows + P1 + 1, Nv)
+        x0 = zero
+        x1 = zero
+    elif KIND == 3:  # ParGo self: P0 = n_partial, (P1, P2) = (left, right) clipped to Np - 1
+        lo = tl.where(is_global, zero + P0, tl.maximum(rows - P1, 0))
+        hi = tl.where(is_global, zero + Nv, tl.minimum(rows + P2 + 1, P0))
         x0 = zero
         x1 = zero
     elif KIND == 0:  # 1-D partial-global: P0 = n_partial
@@ -494,12 +499,24 @@ def attention_forward(q, k, v, kind: int, params, scale: float, split_min_iters=
                     PRECISION=_precision(q.dtype, q.device.type == "cpu"),
                     **_mask_scalars(kind, params))
         else:  # fwd_merge: combine the key splits with their log-sum-exps (fixed order)
-            m = lws.amax(1, keepdim=True)
-            w = torch.exp2(lws - m)
-            denom = w.sum(1)
-            _global_rows(out, p).copy_((ows * (w / denom[:, None])[..., None]).sum(1))
-            _global_rows(lse, p).copy_(m[:, 0] + torch.log2(denom))
+            _merge_splits(ows, lws, _global_rows(out, p), _global_rows(lse, p))
     return out, lse
+
+
+def _merge_splits(ows, lws, out, lse):
+    """Write into ``out [B*H, Ng, Dv]`` and ``lse [B*H, Ng]`` the key splits' fp32 partial
+    outputs ``ows [B*H, S, Ng, Dv]`` weighted by their base-2 log-sum-exps ``lws [B*H, S, Ng]``.
+
+    A row whose scores are all -inf (-inf in the inputs) has every split at -inf: as in the
+    kernels, the max is taken as 0 there, so each weight is 2^-inf = 0, the output 0 and the
+    LSE log2(0) = -inf, as SDPA (not exp2(-inf - -inf) = NaN)."""
+    m = lws.amax(1, keepdim=True)
+    m_safe = torch.where(m == float("-inf"), 0.0, m)
+    w = torch.exp2(lws - m_safe)
+    denom = w.sum(1)
+    denom_safe = torch.where(denom == 0.0, 1.0, denom)
+    out.copy_((ows * (w / denom_safe[:, None])[..., None]).sum(1))
+    lse.copy_(m_safe[:, 0] + torch.log2(denom))
 
 
 def _split_arg(split_min_iters):
@@ -566,7 +583,8 @@ def aot_specs(arch: int = 90):
                 yield (_attn_bwd_delta_kernel, ptrs,
                        dict(DV=block_d, BLOCK_M=delta_block_m(block_d), BLOCK_DV=block_d),
                        dict(num_warps=4, num_stages=1), f"{ty} d={block_d}")
-            for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band")):
+            for kind, kname in ((KIND_PG1D, "pg1d"), (KIND_PG2D, "pg2d"), (KIND_BAND, "band"),
+                                (KIND_PARGO_SELF, "pgself")):
                 for kernel, which in ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dq_kernel, "dq"),
                                       (_attn_bwd_dkdv_kernel, "dkdv")):
                     cfg = tile_config(which, block_d, dtype, arch)
