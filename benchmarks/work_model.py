@@ -439,7 +439,9 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         ideal = r.get("flops_ideal") or 0
         lines.append("| " + " | ".join([
-            r["op"], r["case"], r["pass"], _g(r["flops_issued"]),
+            r["op"] + (f" [{r['variant']}{', default' if r.get('default') else ''}]"
+                       if r.get("variant") else ""),
+            r["case"], r["pass"], _g(r["flops_issued"]),
             f"{r['flops_issued'] / ideal:.2f}" if ideal else "-",
             f"{r['flops_issued'] / r['flops_dense']:.2f}" if r.get("flops_dense") else "-",
             f"{r['flops_flex128'] / r['flops_issued']:.2f}" if r.get("flops_flex128") else "-",
