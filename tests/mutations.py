@@ -99,7 +99,9 @@ MUTANTS = [
     Mutant("delta-from-rounded-output", ATT,
            "delta_pass = q.dtype != torch.float32",
            "delta_pass = False",
-           ("tests/test_attention_accuracy.py", "-k", "sharp"),
+           # with the interpreter rounding bf16 to nearest (tests/conftest.py) the single-op
+           # sharp test no longer sees it; the 3-layer bf16 ParGo does (dq, dk 3-5x PyTorch's)
+           ("tests/test_projectors.py", "-k", "kernels_match_reference and pargo-torch.bfloat16"),
            "16-bit delta from the rounded output instead of rowsum(P * dP)",
            alternatives=((PLAN, "delta_pass = p.dtype != torch.float32", "delta_pass = False"),)),
     Mutant("lse-natural-log", ATT,

@@ -3,10 +3,20 @@
 Every projector with a kernel inside is run three ways on the same fresh random weights and
 inputs: ``impl="kernels"`` (backend "triton": the real Triton kernels, under the interpreter on a
 CPU), ``impl="reference"`` in the same dtype, and ``impl="reference"`` in float64 (the oracle).
-The kernel path's error against the oracle, outputs and every parameter gradient, must be within
-twice the reference path's own error plus a floor (FlashAttention's rule: no worse than
-PyTorch's own low-precision error). A wrong window, a swapped mask block or a dropped gradient
-gives errors of order 1 (test_wrong_mask_is_caught).
+The kernel path's error against the oracle (max-abs relative, ``rel_error``) must be within a
+factor of the reference path's own error plus a floor: FlashAttention's published rule, 2x for
+the output and, in 16-bit, 3x for every parameter gradient (fp32: 2x everywhere). A wrong window,
+a swapped mask block or a dropped gradient gives errors of order 1 (test_wrong_mask_is_caught).
+
+Why 3x for 16-bit gradients: the ratio of two max-abs errors of a 32-element gradient of a
+3-layer model with sharp random weights is noisy when the reference's error happens to be small
+(e.g. a LayerNorm gain: kernels 0.031 vs reference 0.005). Measured on 59 fresh bf16 ParGo draws
+(interpreter rounding to nearest, tests/conftest.py): the per-tensor kernel/reference median is
+0.8..1.0 (no systematic excess), but the worst gradient ``(kernel - floor) / reference`` of a
+draw has median 0.8, 90th percentile 1.4, max 2.16 (1 of the 59 failed the former 2x; 0 fail
+3x). What it must catch still fails by far: the worst gradient of a draw exceeds the 3x budget
+2.7-8.8x with a 16-bit delta from the rounded output (mutant delta-from-rounded-output, 6 draws)
+and 30-59x with the cross-attention windows shifted by one key (4 draws).
 
 The floor is the single-op tolerance of ``pargo_kernels.testing`` for bf16; for fp32 it is 1e-4
 (5x the single-op 2e-5): a weight gradient sums B*N token contributions through several layers
@@ -78,12 +88,15 @@ def compare(name, proj, dtype, batch=2):
     yk, gk = run(low, x.to(dtype), g, "kernels")
     yr, gr = run(low, x.to(dtype), g, "reference")
     tol = MODEL_FLOOR[dtype]
+    grad_factor = 2 if dtype == torch.float32 else 3  # FlashAttention's rule (module docstring)
     failures = []
     for key in ["output", *g64]:
         exp, ker, ref = (y64, yk, yr) if key == "output" else (g64[key], gk[key], gr[key])
         e_ker, e_ref = rel_error(ker, exp), rel_error(ref, exp)
-        if not e_ker <= 2 * e_ref + tol:
-            failures.append(f"{key}: kernels {e_ker:.2e} vs reference {e_ref:.2e} (+{tol:.0e})")
+        factor = 2 if key == "output" else grad_factor
+        if not e_ker <= factor * e_ref + tol:
+            failures.append(f"{key}: kernels {e_ker:.2e} vs {factor}x reference {e_ref:.2e} "
+                            f"(+{tol:.0e})")
     assert not failures, f"{name} {dtype}: " + "; ".join(failures)
     return yk
 
