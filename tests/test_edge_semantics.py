@@ -254,6 +254,18 @@ def test_autocast_pooling_like_torch(backend, device):
     assert torch.equal(proj, expected)
 
 
+def assert_transforms_refused(calls: dict) -> None:
+    """Each ``{name: (fn, input)}`` on the Triton backend refuses torch.func transforms and double
+    backward with a NotImplementedError saying so (shared with tests/test_varlen.py)."""
+    for name, (fn, inp) in calls.items():
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms .*'triton'"):
+            torch.func.jacrev(fn)(inp)
+        leaf = inp.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(leaf).square().sum(), leaf, create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            g.sum().backward()
+
+
 def test_torch_func_and_double_backward_are_refused_clearly(device):
     """jacrev / vmap-based transforms and double backward raise NotImplementedError naming what
     is unsupported on the kernel backend; the reference backend supports both, and plain-autograd
@@ -268,13 +280,7 @@ def test_torch_func_and_double_backward_are_refused_clearly(device):
         "pool_project": (lambda t: pk.adaptive_avg_pool_project(t, w, b, **POOL,
                                                                 backend="triton"), x),
     }
-    for name, (fn, inp) in kernel_fns.items():
-        with pytest.raises(NotImplementedError, match=r"torch\.func transforms .*'triton'"):
-            torch.func.jacrev(fn)(inp)
-        leaf = inp.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(fn(leaf).square().sum(), leaf, create_graph=True)
-        with pytest.raises(NotImplementedError, match="double backward"):
-            g.sum().backward()
+    assert_transforms_refused(kernel_fns)
     jac = torch.autograd.functional.jacobian(kernel_fns["attention"][0], q)
     ref = torch.func.jacrev(lambda t: call(t, k, v, "reference"))(q)
     assert_same_values("jacobian", jac, ref, torch.float32)

@@ -17,6 +17,7 @@ from pargo_kernels import varlen_plan
 from pargo_kernels.ops import pool_triton, varlen_pool_triton, varlen_triton
 from pargo_kernels.pooling import pool_project_reference, pool_tokens_reference
 from pargo_kernels.testing import assert_close
+from test_edge_semantics import assert_transforms_refused
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -543,10 +544,4 @@ def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
         "pool_project": (lambda t: pk.adaptive_avg_pool_project_varlen(
             t, w, None, **pool, backend="triton")[0], x),
     }
-    for name, (fn, inp) in calls.items():
-        with pytest.raises(NotImplementedError, match=r"torch\.func transforms .*'triton'"):
-            torch.func.jacrev(fn)(inp)
-        leaf = inp.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(fn(leaf).square().sum(), leaf, create_graph=True)
-        with pytest.raises(NotImplementedError, match="double backward"):
-            g.sum().backward()
+    assert_transforms_refused(calls)
