@@ -545,3 +545,15 @@ def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
             t, w, None, **pool, backend="triton")[0], x),
     }
     assert_transforms_refused(calls)
+
+
+def test_varlen_refuses_the_archs_whose_configs_spill():
+    """sm_86 / sm_89 spill with the sm_80 tile table (AOT): refused with the reason, and the AOT
+    specs list nothing there; the archs the AOT run found clean are served."""
+    for cap in ((8, 6), (8, 9)):
+        why = varlen_plan.varlen_arch_refusal(cap)
+        assert f"sm_{cap[0]}{cap[1]}" in why and "backend='reference'" in why
+        assert not list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))
+    for cap in ((7, 5), (8, 0), (9, 0)):
+        assert varlen_plan.varlen_arch_refusal(cap) == ""
+        assert list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))

@@ -371,6 +371,8 @@ def aot_specs(arch: int = _aplan.DEFAULT_ARCH):
     launchers can make on ``sm_<arch>``: each mask kind x dtype x head-dim bucket the
     fixed-shape dispatcher accepts there (``attention_plan.arch_refusal``), with
     ``varlen_tile_config(..., arch)``."""
+    if _plan.varlen_arch_refusal(divmod(arch, 10)):
+        return  # the dispatcher refuses this arch (varlen_plan.VARLEN_AOT_CLEAN_ARCHS)
     for dtype, ty in _TL_DTYPE.items():
         if _aplan.arch_refusal(divmod(arch, 10), dtype):
             continue
