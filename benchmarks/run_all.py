@@ -29,8 +29,9 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402
 
 # script name -> (file, share of the time budget)
-SCRIPTS = {"partial_global": ("bench_partial_global.py", 0.55),
-           "band": ("bench_band.py", 0.25),
+SCRIPTS = {"partial_global": ("bench_partial_global.py", 0.50),
+           "band": ("bench_band.py", 0.20),
+           "pargo_self": ("bench_pargo_self.py", 0.10),
            "pooling": ("bench_pooling.py", 0.20)}
 GRACE_S = 60  # hard timeout = budget + grace (one case may overrun the budget check)
 
