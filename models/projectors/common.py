@@ -8,10 +8,11 @@ from torch import nn
 
 from pargo_kernels._validate import check_grid, check_int
 
-__all__ = ["IMPLS", "Projector", "check_dropout", "check_grid", "check_impl", "check_int",
-           "check_pos_int", "resolve_query_grid"]
+__all__ = ["BACKENDS", "IMPLS", "Projector", "check_backend", "check_dropout", "check_grid",
+           "check_impl", "check_int", "check_pos_int", "resolve_query_grid"]
 
 IMPLS = ("kernels", "reference")
+BACKENDS = ("auto", "triton", "cuda", "reference")  # pargo_kernels' backend names
 
 
 def check_pos_int(name: str, value) -> int:
@@ -41,6 +42,12 @@ def resolve_query_grid(num_name: str, num, query_grid) -> tuple[int, int]:
         raise ValueError(f"{num_name} must be a perfect square (the pooled grid is square), got "
                          f"{num}; pass query_grid=(rows, cols) for another shape")
     return side, side
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_impl(impl) -> str:

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from pargo_kernels import adaptive_avg_pool_project
 from pargo_kernels.pooling import pool_project_reference
 
-from .common import Projector, check_grid, check_impl, check_pos_int, resolve_query_grid
-from .pargo import BACKENDS
+from .common import (Projector, check_backend, check_grid, check_impl, check_pos_int,
+                     resolve_query_grid)
 from .registry import register_projector
 
 
@@ -36,8 +36,7 @@ class DeCoProjector(Projector):
         llm_width = check_pos_int("llm_width", llm_width)
         visual_grid = check_grid("visual_grid", visual_grid)
         query_grid = resolve_query_grid("query_num", query_num, query_grid)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         super().__init__(dict(vision_width=vision_width, llm_width=llm_width,
                               visual_grid=list(visual_grid), query_grid=list(query_grid),
                               impl=check_impl(impl), backend=backend))

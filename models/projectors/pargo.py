@@ -34,12 +34,11 @@ from pargo_kernels import cascade_windows, pargo_self_attention
 from pargo_kernels.attention import CASCADE_MODES
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 
-from .common import (Projector, check_dropout, check_grid, check_impl, check_int,
-                     check_pos_int)
+from .common import (Projector, check_backend, check_dropout, check_grid, check_impl,
+                     check_int, check_pos_int)
 from .layers import CrossPattern, QueryLayer, load_bert_weights
 from .registry import register_projector
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
 SELF_ATTN_MODES = ("official", "cascade")
 
 
@@ -88,8 +87,7 @@ class _QueryProjector(Projector):
         super().__init__(config)
         if hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if n_partial > self.num_input_tokens:
             raise ValueError(f"n_partial ({n_partial}) must be <= the number of visual tokens "
                              f"({self.num_input_tokens} = visual_grid {self.visual_grid}): "
