@@ -80,6 +80,29 @@ class Projector(nn.Module):
                 f"{self.vision_width}] (visual_grid {self.visual_grid}, vision_width "
                 f"{self.vision_width}), got {tuple(x.shape)}")
 
+    def check_packed(self, x, visual_grids) -> list[tuple[int, int]]:
+        """Validate a packed batch: ``x [total, vision_width]`` holding images of
+        ``visual_grids[i] = (rows_i, cols_i)`` back to back (row-major, CLS dropped), with
+        ``total = sum(rows_i * cols_i)``. Returns the grids as int pairs."""
+        if isinstance(visual_grids, (str, bytes)) or not hasattr(visual_grids, "__len__"):
+            raise TypeError("visual_grids must be a sequence of (rows, cols) pairs, one per "
+                            f"image, got {type(visual_grids).__name__}")
+        if len(visual_grids) == 0:
+            raise ValueError("visual_grids must name at least one image, got an empty sequence")
+        grids = [check_grid(f"visual_grids[{i}]", g) for i, g in enumerate(visual_grids)]
+        total = sum(r * c for r, c in grids)
+        if x.dim() != 2 or x.shape[0] != total or x.shape[1] != self.vision_width:
+            raise ValueError(
+                f"{type(self).__name__} expects a packed x of shape [{total}, "
+                f"{self.vision_width}] (the sum of rows*cols over visual_grids, vision_width "
+                f"{self.vision_width}), got {tuple(x.shape)}")
+        return grids
+
+    def tokens_for_grid(self, grid) -> int:
+        """Output tokens this projector gives an image of ``grid = (rows, cols)`` in a packed
+        batch (the count per image that ``forward(x, visual_grids=...)`` returns)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take packed batches")
+
     def extra_repr(self) -> str:
         return (f"{self.num_input_tokens} tokens x {self.vision_width} -> "
                 f"{self.num_visual_tokens} tokens x {self.llm_width}")

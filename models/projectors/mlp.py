@@ -2,6 +2,8 @@
 patch token."""
 from __future__ import annotations
 
+from typing import Optional, Sequence, Union
+
 from torch import Tensor, nn
 
 from .common import Projector, check_grid, check_pos_int
@@ -24,9 +26,20 @@ class MLPProjector(Projector):
         self.mlp = nn.Sequential(*layers)
         self.num_visual_tokens = self.num_input_tokens
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        return self.mlp(x)
+    def tokens_for_grid(self, grid) -> int:
+        rows, cols = check_grid("grid", grid)
+        return rows * cols
+
+    def forward(self, x: Tensor, visual_grids: Optional[Sequence] = None
+                ) -> Union[Tensor, tuple[Tensor, list[int]]]:
+        """``x [B, Nv, vision_width] -> [B, Nv, llm_width]``; or a packed batch ``x [total,
+        vision_width]`` with ``visual_grids`` (one ``(rows, cols)`` per image) ->
+        ``(y [total, llm_width], counts)``, ``counts[i] = rows_i * cols_i``."""
+        if visual_grids is None:
+            self.check_input(x)
+            return self.mlp(x)
+        grids = self.check_packed(x, visual_grids)
+        return self.mlp(x), [r * c for r, c in grids]
 
 
 @register_projector("mlp2x_gelu")
