@@ -3,7 +3,10 @@
 Flags follow LLaVA-1.5's ``train.py`` (``--model_name_or_path`` is the LLM, ``--vision_tower``,
 ``--version`` the conversation template, ``--tune_mm_mlp_adapter`` for stage 1, ``--lora_enable``,
 ``--mm_projector_lr``, ...) plus every ``transformers.TrainingArguments`` flag; our own are
-``--projector`` (registry name), ``--projector_kwargs`` (JSON) and ``--stage``::
+``--projector`` (registry name), ``--projector_kwargs`` (JSON), ``--stage`` and the resize
+policy ``--image_resize fixed|native`` with ``--max_pixels`` (:mod:`models.mllm.data`: native
+keeps each image's aspect ratio and size up to ``max_pixels``; records may hold several images
+or a video's frames)::
 
     python -m models.train --stage 1 --model_name_or_path lmsys/vicuna-7b-v1.5 \\
         --vision_tower openai/clip-vit-large-patch14-336 --projector pargo \\
