@@ -135,6 +135,24 @@ def test_packed_splice_puts_each_image_at_its_placeholder(model):
     model.zero_grad()
 
 
+def test_siglip_tower_no_cls_packed(model):
+    """SigLIP (no CLS token) at a native grid: the packed splice equals the image alone."""
+    import transformers as tf
+    comp = tiny_components(TOY_WORDS)
+    cfg = tf.SiglipVisionConfig(image_size=28, patch_size=PATCH, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    m = MLLM.build(cfg, comp["llm"], "mlp2x_gelu", tokenizer=comp["tokenizer"],
+                   image_processor=comp["image_processor"]).eval()
+    pix = [torch.randn(3, 28, 28), torch.randn(3, 12, 20)]
+    ids = torch.tensor([[1] + [m.image_token_id] * 49 + [5] + [m.image_token_id] * 15])
+    with torch.no_grad():
+        emb = m.embed(ids, pix)
+        for x, s in zip(pix, (1, 51)):
+            hs = m.vision_tower(pixel_values=x[None], output_hidden_states=True,
+                                interpolate_pos_encoding=True).hidden_states[-2][0]
+            torch.testing.assert_close(emb[0, s:s + hs.shape[0]], m.projector.mlp(hs))
+
+
 def test_packed_inputs_are_checked(model):
     tok, img = model.tokenizer, model.image_token_id
     x = [torch.randn(3, 12, 20), torch.randn(3, 8, 8)]  # 15 and 4 tokens
