@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATT = "pargo_kernels/ops/attention_triton.py"
 POOL = "pargo_kernels/ops/pool_triton.py"
 PLAN = "pargo_kernels/ops/attention_plan.py"  # launch plans (engineer attn's restructuring)
+MLLM = "models/mllm/model.py"
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,37 @@ MUTANTS = [
            "inv = 1.0 / (y1 - y0).to(tl.float32)",
            ("tests/test_pooling.py", "-k", "24-7 and triton"),
            "pooled mean divided by the window height only"),
+    # --- MLLM trainer: several images of different sizes / video frames per sample
+    Mutant("mllm-packed-images-reversed", MLLM,
+           "y, counts = self.projector(torch.cat(feats).to(proj_dtype), visual_grids=grids)",
+           "y, counts = self.projector(torch.cat(feats[::-1]).to(proj_dtype), "
+           "visual_grids=grids)",
+           ("tests/test_mllm_varres.py", "-k", "splice"),
+           "packed images spliced in reverse order"),
+    Mutant("mllm-same-size-group-scrambled", MLLM,
+           "feats[i] = hs[k]", "feats[i] = hs[len(idx) - 1 - k]",
+           ("tests/test_mllm_varres.py", "-k", "splice"),
+           "images of equal size (batched through the tower together) put back in the wrong "
+           "order"),
+    Mutant("mllm-no-run-check", MLLM,
+           "self._check_image_runs(is_image, counts)", "pass",
+           ("tests/test_mllm_varres.py", "-k", "checked"),
+           "placeholders whose lengths do not match their images' token counts are filled "
+           "anyway (tokens shifted across images)"),
+    Mutant("data-counts-off-by-one", "models/mllm/data.py",
+           "counts = [self.tokens_for_grid(g) for g in grids]",
+           "counts = [self.tokens_for_grid(g) + 1 for g in grids]",
+           ("tests/test_mllm_varres.py", "-k", "dataset_items"),
+           "each placeholder expanded to one token more than its image's count"),
+    Mutant("native-size-always-floor", "models/mllm/data.py",
+           "rw, rh = (max(patch, round(v / patch) * patch) for v in (w, h))",
+           "rw, rh = (max(patch, math.floor(v / patch) * patch) for v in (w, h))",
+           ("tests/test_mllm_varres.py", "-k", "native_size"),
+           "native sizes always rounded down (shrinks images that fit)"),
+    Mutant("video-frames-lexicographic", "models/mllm/data.py",
+           "key=_natural_key)", "key=str)",
+           ("tests/test_mllm_varres.py", "-k", "dataset_items"),
+           "a video directory's frames in string order (10.png before 2.png)"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",

@@ -155,7 +155,7 @@ def test_bad_records_are_skipped_counted_and_reported_once(model, tmp_path):
     report = msgs[0]
     assert report.startswith("7 bad record(s) of 12 skipped")
     for s in ("line 4: not valid JSON", "id 'one-turn'", "no answer", "id 'num'",
-              "'image' must be", "id 'vid'", "video records are not supported",
+              "'image' must be", "id 'vid'", "'video' 'a.mp4' is not a directory of frames",
               "id 'noconv'", "'conversations' must be", "not a dict", "2.png"):
         assert s in report, s
     assert len(ds) == 5 and len(ds.bad_records) == 7

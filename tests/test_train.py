@@ -223,9 +223,11 @@ def _run(cmd, kw, env, expect_rc=0):
 
 
 _DRIVER = """
-import json, sys
+import json, os, sys
 from models.mllm.train import train
-print(json.dumps(train(json.loads(sys.argv[-1]))))
+res = train(json.loads(sys.argv[-1]))
+if os.environ.get("RANK", "0") == "0":  # one line: two ranks' prints could interleave
+    print(json.dumps(res))
 """
 
 # kills itself (SIGKILL) while saving checkpoint-4: after the weights, before the optimizer

@@ -14,9 +14,10 @@ answer (``</s>``, ``<|im_end|>``, ``<|eot_id|>``: what LLaVA trains on). The tex
 segment (prompt part / answer) at a time, so the label mask is exact by construction rather than
 recovered from string offsets.
 
-``<image>`` in the text becomes ``num_image_tokens`` copies of the image token id (the model
-overwrites their embeddings with the projector output), so sequences carry their full length
-and left or right padding is a plain pad.
+``<image>`` in the text becomes ``num_image_tokens`` copies of the image token id (one count for
+all, or one per placeholder when the images differ in size; the model overwrites their
+embeddings with the projector output), so sequences carry their full length and left or right
+padding is a plain pad.
 """
 from __future__ import annotations
 
@@ -123,12 +124,12 @@ def _normalise_turns(conversations) -> list[str]:
     return turns
 
 
-def _encode_text(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> list[int]:
-    """Token ids of ``text`` with each ``<image>`` expanded to ``num_image_tokens`` ids."""
+def _encode_text(tokenizer, text: str, image_token_id: int, counts) -> list[int]:
+    """Token ids of ``text`` with each ``<image>`` expanded to ``next(counts)`` ids."""
     ids: list[int] = []
     for j, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if j > 0:
-            ids += [image_token_id] * num_image_tokens
+            ids += [image_token_id] * next(counts)
         if part:
             ids += tokenizer(part, add_special_tokens=False)["input_ids"]
     return ids
@@ -153,10 +154,31 @@ def _chat_template_segments(tokenizer, turns: list[str]) -> list[tuple[str, bool
     return out
 
 
-def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_image_tokens: int,
+def _placeholder_counts(num_image_tokens, n_placeholders: int) -> list[int]:
+    """``num_image_tokens`` (one int for every ``<image>``, or a list: one per ``<image>`` in
+    order of appearance) as a list of ``n_placeholders`` counts."""
+    if isinstance(num_image_tokens, (list, tuple)):
+        counts = list(num_image_tokens)
+        if len(counts) != n_placeholders:
+            raise ValueError(f"num_image_tokens lists {len(counts)} count(s) but the "
+                             f"conversation has {n_placeholders} {IMAGE_PLACEHOLDER} "
+                             f"placeholder(s)")
+    else:
+        counts = [num_image_tokens] * n_placeholders
+    for i, n in enumerate(counts):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_image_tokens[{i}] must be a positive int, got {n!r}")
+    return counts
+
+
+def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_image_tokens,
                           template: str = "vicuna_v1", max_length: int | None = None,
                           for_generation: bool = False) -> dict:
     """Token ids and labels of one LLaVA conversation.
+
+    ``num_image_tokens``: the image tokens each ``<image>`` becomes; an int (every
+    placeholder alike) or a list with one count per placeholder, in order of appearance
+    (images of different sizes; a video's placeholder stands for all its frames).
 
     Returns ``{"input_ids": list[int], "labels": list[int], "num_images": int}``. With
     ``for_generation=True`` the last gpt turn (if any) is dropped and the prompt ends with the
@@ -170,7 +192,10 @@ def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer must have an eos_token")
-    enc = lambda s: _encode_text(tokenizer, s, image_token_id, num_image_tokens)  # noqa: E731
+    num_images = sum(msg.count(IMAGE_PLACEHOLDER) for msg in turns)
+    counts = _placeholder_counts(num_image_tokens, num_images)
+    count_iter = iter(counts)
+    enc = lambda s: _encode_text(tokenizer, s, image_token_id, count_iter)  # noqa: E731
     bos = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None
            and template != "chat_template" and (tmpl is None or tmpl.bos) else [])
     input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
@@ -179,10 +204,10 @@ def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_
         input_ids.extend(ids)
         labels.extend(ids if train else [IGNORE_INDEX] * len(ids))
 
-    if template == "plain":  # <image> + the first answer, as LLaVA's stage-1 pretraining
+    if template == "plain":  # <image>s + the first answer, as LLaVA's stage-1 pretraining
         if len(turns) < 2 and not for_generation:
             raise ValueError("the plain template needs a question turn and an answer turn")
-        add(enc(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in turns[0] else [], False)
+        add(enc(IMAGE_PLACEHOLDER * turns[0].count(IMAGE_PLACEHOLDER)), False)
         if not for_generation:
             add(enc(turns[1]) + [eos], True)
     else:
@@ -190,10 +215,9 @@ def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_
                 else tmpl.segments(turns))
         for text, train in segs:
             add([eos] if text is None else enc(text), train)
-    num_images = sum(msg.count(IMAGE_PLACEHOLDER) for msg in turns)
     if max_length is not None and len(input_ids) > max_length:
         kept = input_ids[:max_length].count(image_token_id)
-        if kept != num_images * num_image_tokens:
+        if kept != input_ids.count(image_token_id):
             raise ValueError(f"max_length={max_length} would truncate the image tokens "
                              f"(sequence of {len(input_ids)} tokens)")
         input_ids, labels = input_ids[:max_length], labels[:max_length]

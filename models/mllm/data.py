@@ -1,26 +1,41 @@
-"""LLaVA-format data: the dataset and the padding collator.
+"""LLaVA-format data: the dataset, the image resize policies and the padding collator.
 
 A LLaVA JSON file (a list, or JSON lines when the name ends in ``.jsonl``) holds records
 ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt",
 "value": "..."}, ...]}``. ``"image"`` is a file name relative to ``image_folder`` or a list of
-them (multi-image: one ``<image>`` per file, in order; the images must share a size after
-preprocessing, their visual tokens go to the ``<image>`` placeholders in order). Records
-without ``"image"`` are text-only. Records with ``"video"`` are rejected (video is not
-supported: convert it to a list of frame images).
+them (multi-image: one ``<image>`` per file, in order; each image's visual tokens go to its
+placeholder). ``"video"`` (instead of ``"image"``) is a video given as its frames: a list of
+frame file names relative to ``image_folder``, or the name of a directory there whose image
+files (``.png .jpg .jpeg .bmp .webp``, in natural name order: ``2.png`` before ``10.png``) are
+the frames. Its conversation holds ONE ``<image>`` (LLaVA-Video's convention), which becomes
+the tokens of every frame, frame after frame: to the model a video is several images, each
+frame encoded alone. Records without either are text-only.
+
+Resize policies (``image_resize``): ``"fixed"`` (LLaVA-1.5: ``image_aspect_ratio`` padding, then
+the image processor's resize and crop to the tower's square size; every image gives
+``num_image_tokens`` tokens; items carry ``pixel_values [n, 3, S, S]``) and ``"native"``: aspect
+ratio kept, downscaled only when over ``max_pixels`` pixels, each side then rounded to a multiple
+of the tower's patch size (:func:`native_size`); items carry a list of ``[3, H_i, W_i]`` images,
+their ``visual_grids`` ``(H_i / patch, W_i / patch)``, and each image's token count is the
+projector's ``tokens_for_grid`` of its grid.
 
 One policy for bad data: every record is checked when the dataset is built (malformed JSON line,
-not a dict, missing / malformed ``conversations``, non-string image field, ``<image>`` count not
-matching the images, a one-turn record (nothing to train on), missing image file, video). A bad
-record is skipped and counted, and ONE warning at the end of construction names each (index or
-line, reason); ``strict=True`` raises ``ValueError`` with the same report instead. A record that
-passes but fails when read (an image that cannot be decoded, a sequence that ``max_length``
-would cut into its image tokens) is reported by name when read and replaced by the next good
-record.
+not a dict, missing / malformed ``conversations``, malformed image / video field, both given,
+``<image>`` count not matching the images (one per image, one per video), a one-turn record
+(nothing to train on), missing image / frame file). A bad record is skipped and counted, and
+ONE warning at the end of construction names each (record index and id or line, field, reason);
+``strict=True`` raises ``ValueError`` with the same report instead. A record that passes but
+fails when read (an image that cannot be decoded or that the native policy cannot fit, a
+sequence that ``max_length`` would cut into its image tokens) raises ``ValueError`` naming the
+record and field when read; the dataset reports it in a warning and serves the next good
+record instead (``strict=True``: the error propagates).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -63,12 +78,53 @@ def load_llava_json(data) -> tuple[list, list[tuple[str, str]]]:
     return data, bad
 
 
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def record_visuals(rec: dict, image_folder: Path | None) -> tuple[str, list[str]]:
+    """``(field, files)``: the record's images (field ``"image"``) or video frames (``"video"``)
+    as file names relative to ``image_folder`` (``("image", [])`` for a text-only record). A
+    video directory is listed here. Raises ``ValueError`` naming the field when malformed."""
+    video = rec.get("video")
+    if video is None:
+        images = rec.get("image")
+        if images is None:
+            return "image", []
+        if isinstance(images, str):
+            return "image", [images]
+        if isinstance(images, list) and images and all(isinstance(x, str) for x in images):
+            return "image", list(images)
+        raise ValueError(f"'image' must be a file name or a non-empty list of them, got "
+                         f"{images!r}")
+    if rec.get("image") is not None:
+        raise ValueError("has both 'image' and 'video' (give one)")
+    if isinstance(video, list) and video and all(isinstance(x, str) for x in video):
+        return "video", list(video)
+    if not isinstance(video, str):
+        raise ValueError(f"'video' must be a directory of frames or a non-empty list of frame "
+                         f"file names, got {video!r}")
+    if image_folder is None:
+        raise ValueError("has a 'video' but no image_folder was given")
+    folder = image_folder / video
+    if not folder.is_dir():
+        raise ValueError(f"'video' {video!r} is not a directory of frames under image_folder "
+                         f"(a video file must be converted to frame images)")
+    frames = sorted((p.name for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES),
+                    key=_natural_key)
+    if not frames:
+        raise ValueError(f"'video' directory {video!r} holds no frame images "
+                         f"({' '.join(FRAME_SUFFIXES)})")
+    return "video", [f"{video}/{f}" for f in frames]
+
+
 def record_problem(rec, image_folder: Path | None, template: str) -> str | None:
     """Why ``rec`` cannot be trained on, or None when it can (cheap checks, no decoding)."""
     if not isinstance(rec, dict):
         return f"not a dict ({type(rec).__name__})"
-    if rec.get("video") is not None:
-        return "video records are not supported (give the frames as an 'image' list)"
     conv = rec.get("conversations")
     if not isinstance(conv, list) or not conv:
         return "'conversations' must be a non-empty list"
@@ -80,23 +136,48 @@ def record_problem(rec, image_folder: Path | None, template: str) -> str | None:
         return "one turn only: there is no answer to train on"
     if template == "plain" and len(conv) != 2:
         return f"the plain template takes one question and one answer, got {len(conv)} turns"
-    images = rec.get("image")
-    if images is None:
-        images = []
-    elif isinstance(images, str):
-        images = [images]
-    elif not (isinstance(images, list) and images and all(isinstance(x, str) for x in images)):
-        return f"'image' must be a file name or a non-empty list of them, got {images!r}"
+    try:
+        field, files = record_visuals(rec, image_folder)
+    except ValueError as e:
+        return str(e)
     n_ph = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv)
-    if n_ph != len(images):
-        return f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
-    if images:
+    if field == "video" and n_ph != 1:
+        return (f"'video': {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) in 'conversations' but a "
+                f"video takes exactly one (its frames' tokens go there)")
+    if field == "image" and n_ph != len(files):
+        return (f"{n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(files)} image(s) in "
+                f"'image'")
+    if files:
         if image_folder is None:
-            return "has an image but no image_folder was given"
-        missing = [x for x in images if not (image_folder / x).is_file()]
+            return f"has an '{field}' but no image_folder was given"
+        missing = [f"{field}[{j}] {x!r}" for j, x in enumerate(files)
+                   if not (image_folder / x).is_file()]
         if missing:
-            return f"missing image file(s) {missing}"
+            return f"missing file(s): {', '.join(missing)}"
     return None
+
+
+def native_size(width: int, height: int, max_pixels: int, patch: int) -> tuple[int, int]:
+    """``(width, height)`` of the ``native`` policy: the aspect ratio kept, downscaled (never
+    up) so that ``width * height <= max_pixels``, then each side rounded to the nearest multiple
+    of ``patch`` (at least one patch), or down to one when nearest rounding would exceed
+    ``max_pixels``. Each side ends within one patch of the exactly scaled size. Raises
+    ``ValueError`` when no such size fits ``max_pixels`` (an extreme aspect ratio: the short
+    side cannot go below one patch)."""
+    for name, v in (("width", width), ("height", height), ("max_pixels", max_pixels),
+                    ("patch", patch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    w, h = width * scale, height * scale
+    rw, rh = (max(patch, round(v / patch) * patch) for v in (w, h))
+    if rw * rh > max_pixels:
+        rw, rh = (max(patch, math.floor(v / patch) * patch) for v in (w, h))
+    if rw * rh > max_pixels:
+        raise ValueError(f"a {width}x{height} image does not fit max_pixels={max_pixels} with "
+                         f"sides that are multiples of the patch size {patch} (aspect ratio "
+                         f"too extreme: at least {rw}x{rh})")
+    return rw, rh
 
 
 def expand2square(image, background):
@@ -111,37 +192,71 @@ def expand2square(image, background):
     return out
 
 
+IMAGE_RESIZE = ("fixed", "native")
+
+
 class LLaVADataset(Dataset):
-    """Items: ``{"input_ids", "labels", "pixel_values" ([n_images, 3, H, W] or None), "id"}``.
+    """Items: ``{"input_ids", "labels", "pixel_values", "id"}`` (+ ``"visual_grids"``).
+
+    ``image_resize="fixed"``: ``pixel_values`` ``[n_images, 3, H, W]`` or None.
+    ``image_resize="native"`` (needs ``max_pixels``, ``patch_size`` and ``tokens_for_grid``, the
+    model's :meth:`~models.mllm.model.MLLM.packed_tokens_for_grid`): ``pixel_values`` a list of
+    ``[3, H_i, W_i]`` (empty for text-only records) and ``visual_grids`` their ``(H_i / patch,
+    W_i / patch)``. A video's frames count as its images (module docstring).
 
     ``bad_records`` lists ``(where, reason)`` of the records skipped at construction
-    (``where`` = "record I" or "line N"); ``modality_lengths`` is a length estimate per record,
-    positive with images and negative without (for ``--group_by_modality_length``).
-    ``image_aspect_ratio``: ``"pad"`` (LLaVA-1.5: pad to a square with the processor's mean
-    colour, then the processor) or ``"crop"`` (the processor alone: resize + centre crop).
+    (``where`` = "record I" or "line N"); ``modality_lengths`` is a length estimate per record
+    (``num_image_tokens`` per image or frame), positive with images and negative without (for
+    ``--group_by_modality_length``). ``image_aspect_ratio`` (fixed policy only; None = "pad"):
+    ``"pad"`` (LLaVA-1.5: pad to a square with the processor's mean colour, then the processor)
+    or ``"crop"`` (the processor alone: resize + centre crop).
     """
 
     def __init__(self, data, image_folder, tokenizer, image_processor, *, image_token_id: int,
                  num_image_tokens: int, template: str = "vicuna_v1",
-                 max_length: int | None = 2048, image_aspect_ratio: str = "pad",
-                 strict: bool = False):
-        if image_aspect_ratio not in ("pad", "crop"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got "
-                             f"{image_aspect_ratio!r}")
+                 max_length: int | None = 2048, image_aspect_ratio: str | None = None,
+                 strict: bool = False, image_resize: str = "fixed",
+                 max_pixels: int | None = None, patch_size: int | None = None,
+                 tokens_for_grid=None):
+        if image_resize not in IMAGE_RESIZE:
+            raise ValueError(f"image_resize must be one of {IMAGE_RESIZE}, got {image_resize!r}")
+        if image_resize == "fixed":
+            image_aspect_ratio = "pad" if image_aspect_ratio is None else image_aspect_ratio
+            if image_aspect_ratio not in ("pad", "crop"):
+                raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got "
+                                 f"{image_aspect_ratio!r}")
+            if max_pixels is not None:
+                raise ValueError("max_pixels applies to image_resize='native' only")
+        else:
+            if image_aspect_ratio is not None:
+                raise ValueError(f"image_aspect_ratio applies to image_resize='fixed' only "
+                                 f"(native keeps the aspect ratio), got {image_aspect_ratio!r}")
+            for name, v in (("max_pixels", max_pixels), ("patch_size", patch_size)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"image_resize='native' needs {name} as a positive int, "
+                                     f"got {v!r}")
+            if max_pixels < patch_size * patch_size:
+                raise ValueError(f"max_pixels={max_pixels} is below one patch "
+                                 f"({patch_size}x{patch_size})")
+            if not callable(tokens_for_grid):
+                raise ValueError("image_resize='native' needs tokens_for_grid (the model's "
+                                 "packed_tokens_for_grid)")
         get_template(template)  # validates the name
         records, bad = load_llava_json(data)
         total = len(records) + len(bad)
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        kept = []
+        kept, visuals, where = [], [], []
         for i, rec in enumerate(records):
+            where_i = f"record {i}"
+            if isinstance(rec, dict) and rec.get("id") is not None:
+                where_i += f" (id {rec['id']!r})"
             why = record_problem(rec, self.image_folder, template)
             if why is None:
                 kept.append(rec)
+                visuals.append(record_visuals(rec, self.image_folder))
+                where.append(where_i)
             else:
-                where = f"record {i}"
-                if isinstance(rec, dict) and rec.get("id") is not None:
-                    where += f" (id {rec['id']!r})"
-                bad.append((where, why))
+                bad.append((where_i, why))
         self.bad_records = bad
         if bad:
             listed = "; ".join(f"{w}: {r}" for w, r in bad[:_MAX_REPORTED])
@@ -152,11 +267,13 @@ class LLaVADataset(Dataset):
             warnings.warn(report + f" ({len(kept)} records left)", stacklevel=2)
         if not kept:
             raise ValueError("the dataset has no usable records")
-        self.records = kept
+        self.records, self._visuals, self._where = kept, visuals, where
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_token_id, self.num_image_tokens = int(image_token_id), int(num_image_tokens)
         self.template, self.max_length = template, max_length
-        self.image_aspect_ratio = image_aspect_ratio
+        self.image_aspect_ratio, self.image_resize = image_aspect_ratio, image_resize
+        self.max_pixels, self.patch_size = max_pixels, patch_size
+        self.tokens_for_grid, self.strict = tokens_for_grid, strict
 
     def __len__(self) -> int:
         return len(self.records)
@@ -164,60 +281,91 @@ class LLaVADataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         out = []
-        for rec in self.records:
+        for rec, (_, files) in zip(self.records, self._visuals):
             n = sum(len(t["value"].split()) for t in rec["conversations"])
-            n_img = len(self._images(rec))
-            out.append(n + n_img * self.num_image_tokens if n_img else -n)
+            out.append(n + len(files) * self.num_image_tokens if files else -n)
         return out
 
-    @staticmethod
-    def _images(rec) -> list[str]:
-        im = rec.get("image")
-        return [] if im is None else [im] if isinstance(im, str) else list(im)
-
-    def _pixels(self, name: str) -> torch.Tensor:
+    def _open(self, name: str):
         from PIL import Image
         path = self.image_folder / name
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
+                return im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
             raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+    def _pixels(self, image) -> torch.Tensor:
+        """The fixed policy: ``[3, S, S]``."""
         if self.image_aspect_ratio == "pad":
             mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
             image = expand2square(image, tuple(int(255 * m) for m in mean))
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def _native_pixels(self, image) -> torch.Tensor:
+        """The native policy: ``[3, H, W]`` at :func:`native_size`; the processor only rescales
+        and normalises (its resize and crop are switched off)."""
+        from PIL import Image
+        size = native_size(*image.size, self.max_pixels, self.patch_size)
+        if size != image.size:
+            resample = getattr(self.image_processor, "resample", None)
+            image = image.resize(size, Image.BICUBIC if resample is None else resample)
+        return self.image_processor(images=image, do_resize=False, do_center_crop=False,
+                                    return_tensors="pt")["pixel_values"][0]
+
     def load(self, idx: int) -> dict:
-        """One item; raises ``ValueError`` naming the file / record when it cannot be used."""
-        rec = self.records[idx]
-        pix = [self._pixels(name) for name in self._images(rec)]
-        if len({tuple(p.shape) for p in pix}) > 1:
-            raise ValueError(f"record {rec.get('id', idx)!r}: its images have different sizes "
-                             f"after preprocessing {[tuple(p.shape) for p in pix]}")
-        enc = tokenize_conversation(self.tokenizer, rec["conversations"],
-                                    image_token_id=self.image_token_id,
-                                    num_image_tokens=self.num_image_tokens,
-                                    template=self.template, max_length=self.max_length)
-        return {"input_ids": enc["input_ids"], "labels": enc["labels"],
-                "pixel_values": torch.stack(pix) if pix else None, "id": rec.get("id", idx)}
+        """One item; raises ``ValueError`` naming the record and field when it cannot be used."""
+        rec, (field, files) = self.records[idx], self._visuals[idx]
+        pix = []
+        for j, name in enumerate(files):
+            try:
+                image = self._open(name)
+                pix.append(self._native_pixels(image) if self.image_resize == "native"
+                           else self._pixels(image))
+            except ValueError as e:
+                raise ValueError(f"{self._where[idx]}: {field}[{j}] {name!r}: {e}") from e
+        if self.image_resize == "native":
+            p = self.patch_size
+            grids = [(int(x.shape[1]) // p, int(x.shape[2]) // p) for x in pix]
+            counts = [self.tokens_for_grid(g) for g in grids]
+        else:
+            if len({tuple(x.shape) for x in pix}) > 1:
+                raise ValueError(f"{self._where[idx]}: '{field}': its images have different "
+                                 f"sizes after preprocessing {[tuple(x.shape) for x in pix]}")
+            counts = [self.num_image_tokens] * len(pix)
+        per_placeholder = [sum(counts)] if field == "video" else counts
+        try:
+            enc = tokenize_conversation(self.tokenizer, rec["conversations"],
+                                        image_token_id=self.image_token_id,
+                                        num_image_tokens=per_placeholder,
+                                        template=self.template, max_length=self.max_length)
+        except ValueError as e:
+            raise ValueError(f"{self._where[idx]}: 'conversations': {e}") from e
+        item = {"input_ids": enc["input_ids"], "labels": enc["labels"], "id": rec.get("id", idx)}
+        if self.image_resize == "native":
+            item.update(pixel_values=pix, visual_grids=grids)
+        else:
+            item["pixel_values"] = torch.stack(pix) if pix else None
+        return item
 
     def __getitem__(self, idx: int) -> dict:
+        if self.strict:
+            return self.load(idx)
         for k in range(len(self)):
             j = (idx + k) % len(self)
             try:
                 return self.load(j)
             except ValueError as e:
-                warnings.warn(f"skipping record {self.records[j].get('id', j)!r}: {e}",
-                              stacklevel=2)
+                warnings.warn(f"skipping a record: {e}", stacklevel=2)
         raise RuntimeError("every record of the dataset failed to load")
 
 
 class Collator:
     """Pads a list of items into the model inputs ``{"input_ids", "attention_mask", "labels",
     "pixel_values"}`` (``padding_side`` "right" for training, "left" for generation); the
-    images of the batch are concatenated in record order (``pixel_values`` ``[N, 3, H, W]``,
-    None when the batch has none)."""
+    images of the batch are concatenated in record order: ``pixel_values`` ``[N, 3, H, W]``
+    for fixed-size items; for native-size items a list of ``[3, H_i, W_i]`` plus
+    ``visual_grids`` (int64 ``[N, 2]``). None when the batch has no image."""
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
         if padding_side not in ("left", "right"):
@@ -235,9 +383,21 @@ class Collator:
             ids.append(self._pad(list(it["input_ids"]), n, self.pad_token_id))
             labels.append(self._pad(list(it["labels"]), n, IGNORE_INDEX))
             mask.append(self._pad([1] * len(it["input_ids"]), n, 0))
-        pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-                "labels": torch.tensor(labels), "pixel_values": torch.cat(pix) if pix else None}
+        batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+                 "labels": torch.tensor(labels)}
+        packed = ["visual_grids" in it for it in items]
+        if any(packed) and not all(packed):
+            raise ValueError("items mix the fixed and native resize policies (only native "
+                             "items carry 'visual_grids')")
+        if all(packed):
+            pix = [x for it in items for x in it["pixel_values"]]
+            grids = [tuple(g) for it in items for g in it["visual_grids"]]
+            batch.update(pixel_values=pix or None,
+                         visual_grids=torch.tensor(grids, dtype=torch.long) if pix else None)
+        else:
+            pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+            batch["pixel_values"] = torch.cat(pix) if pix else None
+        return batch
 
 
 TOY_COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230),

@@ -13,6 +13,7 @@ explicitly (``from models.mllm import MLLM``).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -125,7 +126,9 @@ class MLLM(nn.Module):
     ``loss_sum / num_items_in_batch`` when ``transformers.Trainer`` passes the label count of
     the whole global batch (so the loss of a step does not depend on how it is split into
     micro-batches and processes). ``input_ids`` must contain ``num_visual_tokens`` image
-    tokens per image, in the order of ``pixel_values``. Position ids follow the attention mask,
+    tokens per image, in the order of ``pixel_values``; or ``pixel_values`` is a list of
+    images of different sizes (+ ``visual_grids``), each giving ``packed_tokens_for_grid`` of
+    its patch grid (:meth:`embed`). Position ids follow the attention mask,
     so left and right padding give the same logits on real tokens.
     """
     # transformers.Trainer: forward takes num_items_in_batch, counted over labels[:, 1:]
@@ -249,16 +252,45 @@ class MLLM(nn.Module):
         self.llm = self.llm.merge_and_unload()
 
     # -- forward
+    @property
+    def patch_size(self) -> int:
+        return int(self.vision_tower.config.patch_size)
+
+    def packed_tokens_for_grid(self, grid) -> int:
+        """Visual tokens of one image of ``grid = (rows, cols)`` patches in a packed batch (the
+        projector's ``tokens_for_grid``); ``ValueError`` when the projector takes no packed
+        batches (its ``tokens_for_grid`` raises ``NotImplementedError``)."""
+        try:
+            return int(self.projector.tokens_for_grid(tuple(grid)))
+        except NotImplementedError as e:
+            raise ValueError(
+                f"projector {self.projector.config.get('name', type(self.projector).__name__)!r}"
+                f" does not take packed batches of images of different sizes ({e}); use the "
+                f"fixed resize policy (--image_resize fixed) or a projector that implements "
+                f"tokens_for_grid") from e
+
+    def _tower_features(self, pixel_values: Tensor, native: bool) -> Tensor:
+        """Hidden states of ``vision_feature_layer`` for ``[n, 3, H, W]``, CLS included."""
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        kwargs = {}
+        if native:
+            if "interpolate_pos_encoding" not in inspect.signature(
+                    self.vision_tower.forward).parameters:
+                raise ValueError(f"vision tower {type(self.vision_tower).__name__} takes no "
+                                 f"interpolate_pos_encoding: it cannot encode images of another "
+                                 f"size than {self.vision_tower.config.image_size}")
+            kwargs["interpolate_pos_encoding"] = True
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
+                                    output_hidden_states=True, **kwargs)
+        return out.hidden_states[self.vision_feature_layer]
+
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """``[N, 3, H, W]`` -> ``[N, num_visual_tokens, llm_width]``."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be [N, 3, H, W], got {tuple(pixel_values.shape)}")
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
-                                    output_hidden_states=True)
-            feats = out.hidden_states[self.vision_feature_layer]
+        feats = self._tower_features(pixel_values, native=False)
         grid_tokens = self.visual_grid[0] * self.visual_grid[1]
         if feats.shape[1] == grid_tokens + 1:  # CLS first (CLIP)
             feats = feats[:, 1:]
@@ -268,8 +300,99 @@ class MLLM(nn.Module):
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(feats.to(proj_dtype))
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """Token embeddings with the image tokens replaced by the projector output."""
+    def packed_grids(self, pixel_values, visual_grids=None) -> list[tuple[int, int]]:
+        """The patch grid of each ``[3, H, W]`` image of a packed list (checked against
+        ``visual_grids`` when given: ``[N, 2]`` ints or pairs)."""
+        if len(pixel_values) == 0:
+            raise ValueError("pixel_values is an empty list (pass None for no images)")
+        p = self.patch_size
+        grids = []
+        for i, x in enumerate(pixel_values):
+            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[1] % p or x.shape[2] % p \
+                    or x.shape[1] == 0 or x.shape[2] == 0:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"pixel_values[{i}] must be a [3, H, W] tensor with H and W "
+                                 f"positive multiples of the patch size {p}, got {shape}")
+            grids.append((int(x.shape[1]) // p, int(x.shape[2]) // p))
+        if visual_grids is not None:
+            given = [tuple(int(v) for v in g) for g in
+                     (visual_grids.tolist() if isinstance(visual_grids, Tensor) else visual_grids)]
+            if given != grids:
+                raise ValueError(f"visual_grids {given} do not match the images' patch grids "
+                                 f"{grids} (patch size {p})")
+        return grids
+
+    def encode_images_packed(self, pixel_values, visual_grids=None) -> tuple[Tensor, list[int]]:
+        """A list of ``[3, H_i, W_i]`` images (sizes multiples of the patch) -> ``(y [total,
+        llm_width], counts)``: the tower runs once per distinct size (images of equal size
+        batched) at the image's own grid (``interpolate_pos_encoding``), the features of every
+        image (CLS dropped) are packed in list order and the projector runs once on the packed
+        batch; ``counts[i]`` tokens of ``y`` belong to image ``i``, in order."""
+        grids = self.packed_grids(pixel_values, visual_grids)
+        expected = [self.packed_tokens_for_grid(g) for g in grids]  # refuses unpacked projectors
+        tower_grid = vision_grid_of(self.vision_tower.config)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(grids):
+            by_size.setdefault(g, []).append(i)
+        feats: list[Tensor | None] = [None] * len(grids)
+        for g, idx in by_size.items():
+            hs = self._tower_features(torch.stack([pixel_values[i] for i in idx]),
+                                      native=g != tower_grid)
+            n = g[0] * g[1]
+            if hs.shape[1] == n + 1:  # CLS first (CLIP)
+                hs = hs[:, 1:]
+            elif hs.shape[1] != n:
+                raise ValueError(f"vision tower gave {hs.shape[1]} tokens for a {g} patch grid, "
+                                 f"expected {n} (+1 CLS)")
+            for k, i in enumerate(idx):
+                feats[i] = hs[k]
+        proj_dtype = next(self.projector.parameters()).dtype
+        y, counts = self.projector(torch.cat(feats).to(proj_dtype), visual_grids=grids)
+        counts = [int(c) for c in counts]
+        if counts != expected or sum(counts) != y.shape[0]:
+            raise ValueError(f"projector returned counts {counts} for {y.shape[0]} tokens; its "
+                             f"tokens_for_grid gives {expected}")
+        return y, counts
+
+    @staticmethod
+    def _check_image_runs(is_image: Tensor, counts: list[int]) -> None:
+        """Each maximal run of image tokens of a row must hold whole images, consecutive in
+        ``counts`` order (so image ``i``'s tokens land on its own placeholder)."""
+        mask = is_image.cpu()
+        k = 0
+        for b, row in enumerate(mask):
+            edges = torch.diff(row.to(torch.int8), prepend=row.new_zeros(1, dtype=torch.int8),
+                               append=row.new_zeros(1, dtype=torch.int8))
+            starts = (edges == 1).nonzero()[:, 0].tolist()
+            ends = (edges == -1).nonzero()[:, 0].tolist()
+            for s, e in zip(starts, ends):
+                acc = 0
+                while acc < e - s and k < len(counts):
+                    acc, k = acc + counts[k], k + 1
+                if acc != e - s:
+                    raise ValueError(f"input_ids row {b}: the run of {e - s} image tokens at "
+                                     f"position {s} does not hold whole images (the images' "
+                                     f"token counts are {counts})")
+        if k != len(counts):
+            raise ValueError(f"input_ids hold image tokens for {k} image(s) but pixel_values "
+                             f"has {len(counts)}")
+
+    def embed(self, input_ids: Tensor, pixel_values, visual_grids=None) -> Tensor:
+        """Token embeddings with the image tokens replaced by the projector output.
+
+        ``pixel_values``: ``[N, 3, H, W]`` at the tower's size (each image gives
+        ``num_visual_tokens``), or a list of ``[3, H_i, W_i]`` images of any sizes (multiples of
+        the patch) with optional ``visual_grids`` (:meth:`encode_images_packed`; image ``i``
+        gives ``packed_tokens_for_grid`` of its grid). Either way the images' tokens fill the
+        image-token positions in order, row after row."""
+        if isinstance(pixel_values, (list, tuple)):
+            embeds = self.llm.get_input_embeddings()(input_ids)
+            is_image = input_ids == self.image_token_id
+            visual, counts = self.encode_images_packed(pixel_values, visual_grids)
+            self._check_image_runs(is_image, counts)
+            return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+        if visual_grids is not None:
+            raise ValueError("visual_grids goes with a list of pixel_values (packed images)")
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         n_img_tokens = int(is_image.sum())
@@ -283,13 +406,13 @@ class MLLM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                pixel_values: Tensor | None = None, labels: Tensor | None = None,
-                num_items_in_batch: Tensor | int | None = None) -> dict:
+                pixel_values: Tensor | list | None = None, labels: Tensor | None = None,
+                num_items_in_batch: Tensor | int | None = None, visual_grids=None) -> dict:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, visual_grids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                           position_ids=position_ids, use_cache=False).logits
@@ -307,14 +430,14 @@ class MLLM(nn.Module):
 
     # -- generation
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-                 **generate_kwargs) -> Tensor:
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values,
+                 visual_grids=None, **generate_kwargs) -> Tensor:
         """Batched generation from left-padded prompts; returns only the new token ids."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left padding (attention_mask[:, -1] must be all 1)")
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, visual_grids)
         generate_kwargs.setdefault("do_sample", False)
         tok = self.tokenizer
         if tok is not None:

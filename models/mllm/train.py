@@ -3,7 +3,10 @@
 Flags follow LLaVA-1.5's ``train.py`` (``--model_name_or_path`` is the LLM, ``--vision_tower``,
 ``--version`` the conversation template, ``--tune_mm_mlp_adapter`` for stage 1, ``--lora_enable``,
 ``--mm_projector_lr``, ...) plus every ``transformers.TrainingArguments`` flag; our own are
-``--projector`` (registry name), ``--projector_kwargs`` (JSON) and ``--stage``::
+``--projector`` (registry name), ``--projector_kwargs`` (JSON), ``--stage`` and the resize
+policy ``--image_resize fixed|native`` with ``--max_pixels`` (:mod:`models.mllm.data`: native
+keeps each image's aspect ratio and size up to ``max_pixels``; records may hold several images
+or a video's frames)::
 
     python -m models.train --stage 1 --model_name_or_path lmsys/vicuna-7b-v1.5 \\
         --vision_tower openai/clip-vit-large-patch14-336 --projector pargo \\
@@ -75,7 +78,13 @@ class ModelArguments:
 class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON / JSONL file"})
     image_folder: str | None = None
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or crop"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or crop "
+                                    "(--image_resize fixed only)"})
+    image_resize: str = field(default="fixed", metadata={"help": "fixed (the tower's square "
+                              "size) or native (aspect kept, downscaled to --max_pixels, sides "
+                              "rounded to the patch size; needs a packed-batch projector)"})
+    max_pixels: int | None = field(default=None, metadata={"help": "--image_resize native: "
+                                   "pixel budget per image (default: the tower's image_size^2)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; "
                                   "records are always tokenised lazily"})
     strict_data: bool = field(default=False, metadata={"help": "raise on bad records instead "
@@ -148,6 +157,15 @@ def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     if dargs.image_aspect_ratio not in ("pad", "crop"):
         raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got "
                          f"{dargs.image_aspect_ratio!r}")
+    if dargs.image_resize not in ("fixed", "native"):
+        raise ValueError(f"image_resize must be 'fixed' or 'native', got {dargs.image_resize!r}")
+    if dargs.image_resize == "native" and "image_aspect_ratio" in given:
+        raise ValueError("image_aspect_ratio applies to --image_resize fixed only (native keeps "
+                         "the aspect ratio)")
+    if dargs.max_pixels is not None and (dargs.image_resize != "native"
+                                         or dargs.max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive int and goes with --image_resize "
+                         f"native, got {dargs.max_pixels} with {dargs.image_resize!r}")
     if margs.mm_vision_select_feature != "patch":
         raise ValueError(f"mm_vision_select_feature must be 'patch' (the projectors take the "
                          f"patch grid; a CLS token has no grid cell), got "
@@ -308,11 +326,17 @@ def train(args, *, model: MLLM | None = None, on_step=None) -> dict:
     transformers.set_seed(targs.seed)
     model = build_model(margs, targs, model)
     from .data import Collator, LLaVADataset
+    if dargs.image_resize == "native":
+        model.packed_tokens_for_grid(model.visual_grid)  # refuses an unpacked projector now
+        side = int(model.vision_tower.config.image_size)
+        resize = dict(image_resize="native", max_pixels=dargs.max_pixels or side * side,
+                      patch_size=model.patch_size, tokens_for_grid=model.packed_tokens_for_grid)
+    else:
+        resize = dict(image_aspect_ratio=dargs.image_aspect_ratio)
     dataset = LLaVADataset(dargs.data_path, dargs.image_folder, model.tokenizer,
                            model.image_processor, image_token_id=model.image_token_id,
                            num_image_tokens=model.num_visual_tokens, template=margs.version,
-                           max_length=targs.model_max_length,
-                           image_aspect_ratio=dargs.image_aspect_ratio, strict=dargs.strict_data)
+                           max_length=targs.model_max_length, strict=dargs.strict_data, **resize)
     out = Path(targs.output_dir)
     resume = targs.resume_from_checkpoint
     if resume in ("latest", "true", "True"):
