@@ -183,3 +183,39 @@ def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
         expected.update(work_model_varlen.issued_flops(vplan, which, H, D, Dv, dtype, win))
     assert dict(counts) == expected
     assert counts["?"] == 0 and all(x > 0 for x in expected.values())
+
+
+def test_varlen_rows_tiny(monkeypatch):
+    """The varlen rows on bench_varlen.py's --smoke batch (residency stubbed: it needs the
+    real compiler): the row schema, the ideal FLOPs from the per-image masks, the floors from
+    the packed lengths, programs = the plan's tiles x H, and the padded alternative issuing
+    every pair of the padded tensors (at this tiny size fewer than the issued tiles)."""
+    import work_model_varlen
+    monkeypatch.setattr(work_model, "resources", lambda *a: (64, 16384, 4))
+    from pargo_kernels.varlen_plan import A_KTILES, A_QTILES
+    from pargo_kernels.ops.varlen_triton import varlen_tile_config
+    H, D = 2, 64
+    for (op, case), (vplan, masks, window) in work_model_varlen.dynres_cases(smoke=True).items():
+        allowed = sum(int(m.materialize().sum()) for m in masks)
+        nq = [m.materialize().shape[0] for m in masks]
+        nv = [m.materialize().shape[1] for m in masks]
+        tq, tk = sum(nq), sum(nv)
+        for which, per_pair in (("fwd", 4 * D), ("bwd", 10 * D)):
+            row = work_model_varlen.varlen_row(op, case, vplan, masks, which, H, D,
+                                               torch.bfloat16, window)
+            assert row["flops_ideal"] == H * allowed * per_pair
+            assert row["flops_ideal"] <= row["flops_issued"]  # tiles padded to 16..64 rows
+            assert row["flops_padded"] == H * len(masks) * max(nq) * max(nv) * per_pair
+            io = 2 * D * (tq + 2 * tk)
+            floor = H * (io + 2 * tq * D + 4 * tq) if which == "fwd" else \
+                H * (2 * io + 4 * tq * D + 4 * tq)
+            assert row["bytes_floor"] == floor and row["bytes_requested"] >= floor
+            names = ["fwd"] if which == "fwd" else ["dq", "dkdv"]
+            tiles = [vplan.tiles(A_KTILES if n == "dkdv" else A_QTILES,
+                                 varlen_tile_config(n, D, torch.bfloat16)[
+                                     "BLOCK_N" if n == "dkdv" else "BLOCK_M"]) for n in names]
+            assert row["programs"] == H * sum(tiles)
+            assert [s["name"] for s in row["launches"]] == names
+            pad = work_model_varlen.padded_row(row)
+            assert pad["op"].endswith("_padded_dense") and pad["flops_issued"] == \
+                row["flops_padded"] and pad["bytes_requested"] > pad["bytes_floor"] > floor
