@@ -62,6 +62,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from attention_common import flex_functions  # noqa: E402
 from common import Case, NotAvailable, Provider  # noqa: E402
 
 import pargo_kernels as pk  # noqa: E402
@@ -198,10 +199,10 @@ class Packed:
             rows[name][w["seq_q"], w["row"]] = w[name]
         kcol = torch.zeros((self.n_seq, nv_max), dtype=torch.int64, device=device)
         kcol[w["seq_k"], w["key"]] = w["kcol"]
-        j = torch.arange(nv_max, device=device)
-        mask = ((j[None, None, :] >= rows["lo"][..., None]) & (j[None, None, :] < rows["hi"][..., None])
-                & (kcol[:, None, :] >= rows["x0"][..., None])
-                & (kcol[:, None, :] < rows["x1"][..., None]))
+        j = torch.arange(nv_max, device=device)[None, None, :]
+        kc = kcol[:, None, :]
+        mask = ((j >= rows["lo"][..., None]) & (j < rows["hi"][..., None])
+                & (kc >= rows["x0"][..., None]) & (kc < rows["x1"][..., None]))
         return mask[:, None], (w["seq_q"], w["row"]), (w["seq_k"], w["key"])
 
 
@@ -310,21 +311,12 @@ def _sdpa_choice(case) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-_FLEX: dict = {}
-
-
 def flex(args, with_mask_build: bool) -> Provider:
     """FlexAttention over the packed tokens as one sequence ``[1, H, total, D]``."""
     compiled = not args.smoke
 
     def setup(case):
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as exc:
-            raise NotAvailable("torch.nn.attention.flex_attention missing") from exc
-        if "fn" not in _FLEX:
-            _FLEX["fn"] = torch.compile(flex_attention) if compiled else flex_attention
-        attn = _FLEX["fn"]
+        create_block_mask, attn = flex_functions(compiled)
         pk_, dev = case.extra["packed"], case.extra["device"]
         tq, tk = pk_.cu_q[-1], pk_.cu_k[-1]
 
