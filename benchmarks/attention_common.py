@@ -169,19 +169,26 @@ def _interval_bounds(dense: torch.Tensor):
 _FLEX_STATE: dict = {}
 
 
+def flex_functions(compiled: bool):
+    """``(create_block_mask, flex_attention)``, the latter ``torch.compile``d once per process
+    if ``compiled`` (recompile limits raised: every mask / shape of a sweep compiles anew);
+    :class:`NotAvailable` if this torch has no FlexAttention."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        raise NotAvailable("torch.nn.attention.flex_attention missing") from exc
+    if "fn" not in _FLEX_STATE:
+        _raise_recompile_limits()
+        _FLEX_STATE["fn"] = torch.compile(flex_attention) if compiled else flex_attention
+    return create_block_mask, _FLEX_STATE["fn"]
+
+
 def flex(args) -> Provider:
     """Compiled FlexAttention (eager, unfused, in --smoke: CPU has no time for compiles)."""
     compile_it = not args.smoke
 
     def setup(case):
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as exc:
-            raise NotAvailable("torch.nn.attention.flex_attention missing") from exc
-        if "fn" not in _FLEX_STATE:
-            _raise_recompile_limits()
-            _FLEX_STATE["fn"] = torch.compile(flex_attention) if compile_it else flex_attention
-        flex_fn = _FLEX_STATE["fn"]
+        create_block_mask, flex_fn = flex_functions(compile_it)
         spent = PROVIDER_SECONDS.get("flex", 0.0)
         if args.budget_s is not None and spent > FLEX_BUDGET_SHARE * args.budget_s:
             raise NotAvailable(f"flex time cap reached ({spent:.0f} s of compiles and timing "

@@ -5,7 +5,8 @@
 #
 # Writes into OUTDIR: gpu_run.log (everything), env.txt, install.log, tests.log, the benchmark
 # JSON / markdown / PNGs (<date>-<device>.*), one log per benchmark script and raw/ rows.
-# Finishes inside ~9 minutes: each step is under `timeout`; the benchmarks get what is left
+# Finishes inside ~9 minutes: each step is under `timeout`; the benchmarks (run_all.py: every
+# script in its SCRIPTS, bench_varlen.py included) get what is left
 # (at most BENCH_BUDGET_S), then the projector training-step benchmark (PROJ_TIMEOUT_S).
 # Tunables: TEST_TIMEOUT_S (default 200), BENCH_BUDGET_S (default 230), PROJ_TIMEOUT_S (default
 # 90), TOTAL_S (default 520).

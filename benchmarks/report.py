@@ -105,7 +105,29 @@ def markdown(data: dict) -> str:
             for r in bad:
                 lines.append(f"- {r['case']} / {r['provider']} / {r['mode']}: {r['status']}")
             lines.append("")
+    lines += ratio_lines(data)
     return "\n".join(lines) + "\n"
+
+
+def ratio_lines(data: dict) -> list:
+    """The ratios a script computed (bench_varlen.py), reported, not asserted."""
+    out = []
+    for name, info in data.get("scripts", {}).items():
+        res = info.get("ratios")
+        if not res:
+            continue
+        out += [f"## ratios of `{name}` ({res.get('note', '')})", "",
+                "| case | mode | ratio (> 1: ours faster) | value |", "|---|---|---|---|"]
+        out += [f"| {r['case']} | {r['mode']} | {r['ratio']} | {r['value']} |"
+                for r in res["time"]]
+        if res.get("memory_growth"):
+            out += ["", "| case | mode | provider | extra MB half -> full | growth | "
+                        "total_q x total_k growth |", "|---|---|---|---|---|---|"]
+            out += [f"| {r['case']} | {r['mode']} | {r['provider']} | {r['extra_mb_half']} -> "
+                    f"{r['extra_mb']} | {r['growth']}x | {r['total_q_x_total_k_growth']}x |"
+                    for r in res["memory_growth"]]
+        out.append("")
+    return out
 
 
 def summary(data: dict) -> str:
@@ -123,6 +145,10 @@ def summary(data: dict) -> str:
     head = (f"SUMMARY {m.get('device_name')} torch {m.get('torch')} triton {m.get('triton')} "
             f"copy {m.get('copy_gbps')} GB/s matmul {m.get('matmul_tflops')} TFLOP/s"
             + ("  [SMOKE: not measurements]" if m.get("smoke") else ""))
+    for name, info in data.get("scripts", {}).items():  # the headline ratios only
+        for r in (info.get("ratios") or {}).get("time", []):
+            if r["ratio"].startswith("flex+mask") and r["mode"] in ("fwd", "fwd+bwd"):
+                out.append(f"  ratio {r['case']} {r['mode']}: {r['ratio']} = {r['value']}")
     return "\n".join([head, *out])
 
 

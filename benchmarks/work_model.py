@@ -31,7 +31,9 @@ program's loop bounds):
   the model and not implemented (``what_if()``).
 
 Rows of other ops come from providers (``PROVIDERS``): ``pool`` rows from
-``benchmarks/work_model_pool.py`` (``pool_rows()``).
+``benchmarks/work_model_pool.py`` (``pool_rows()``), ``varlen`` rows (the packed ops on a
+dynamic-resolution batch, and the padded dense alternative) from
+``benchmarks/work_model_varlen.py``.
 """
 from __future__ import annotations
 
@@ -186,12 +188,14 @@ def entry_io(p: plan.Problem, launch: plan.Launch, e):
 # residency (R) from the sm_90 ahead-of-time compile
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def resources(kernel: str, kind: int, dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
-    """``(registers, shared bytes, warps)`` of the configuration, compiled for sm_90."""
+def resources(kernel: str, kind: int, dtype: torch.dtype, block_d: int,
+              prefix: str = "") -> tuple[int, int, int]:
+    """``(registers, shared bytes, warps)`` of the configuration, compiled for sm_90
+    (``prefix``: of the AOT label, ``"varlen-"`` for the varlen kernels)."""
     from pargo_kernels import aot
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     label = f"{ty} d={block_d}" if kernel == "_attn_bwd_delta_kernel" else \
-        f"{KIND_NAMES[kind]} {ty} d={block_d} M="
+        f"{prefix}{KIND_NAMES[kind]} {ty} d={block_d} M="
     rows = [r for r in aot.run([90], 1, f"{kernel} {label}") if r.kernel == kernel]
     if len(rows) != 1 or not rows[0].ok:
         raise RuntimeError(f"sm_90 compile of {kernel} {label} failed: {rows}")
@@ -224,10 +228,16 @@ def launch_flops(p: plan.Problem, launch: plan.Launch) -> int:
 def requested_bytes(p: plan.Problem, launch: plan.Launch, resident: int) -> int:
     """HBM bytes of one launch under the R-resident-programs rule (module docstring)."""
     ios = [entry_io(p, launch, e) for e in launch.table]
+    return hbm_bytes(((bh, *ios[t]) for bh, t in launch.programs()), resident)
+
+
+def hbm_bytes(programs, resident: int) -> int:
+    """HBM bytes of ``programs`` (``(head, loads, stores)`` in launch order, loads as in
+    :func:`entry_io`) when a load hits only what one of the previous ``resident`` programs or
+    the program itself loaded."""
     seen = defaultdict(list)  # (tensor, bh) -> [(program index, lo, hi)] of recent loads
     total = 0
-    for idx, (bh, t) in enumerate(launch.programs()):
-        loads, stores = ios[t]
+    for idx, (bh, loads, stores) in enumerate(programs):
         total += stores
         for name, lo, hi, row_bytes in loads:
             key = (name, bh)
@@ -419,7 +429,14 @@ def pool_rows(cases=None) -> list[dict]:
     return rows()
 
 
-PROVIDERS = {"attention": attention_rows, "pool": pool_rows}
+def varlen_rows(cases=None) -> list[dict]:
+    """Rows of the packed (varlen) attention ops and their padded dense alternative, from
+    ``work_model_varlen.py`` (cases ``dynres``, ``dynres-half``)."""
+    from work_model_varlen import varlen_rows as rows
+    return rows(cases)
+
+
+PROVIDERS = {"attention": attention_rows, "pool": pool_rows, "varlen": varlen_rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +464,8 @@ def markdown(rows: list[dict]) -> str:
             f"{r['flops_flex128'] / r['flops_issued']:.2f}" if r.get("flops_flex128") else "-",
             _g(r["bytes_floor"]), _g(r["bytes_requested"]),
             f"{r['bytes_requested'] / r['bytes_floor']:.2f}",
-            str(r["programs"]),
+            "-" if r["programs"] is None else str(r["programs"]),
+            "-" if r["max_iters_per_program"] is None else  # a modelled alternative, no plan
             f"{r['max_iters_per_program']} / {r['mean_iters_per_program']:.1f} "
             f"({r['max_iters_per_program'] / max(r['mean_iters_per_program'], 1e-9):.1f}x)"]) + " |")
     return "\n".join(lines)

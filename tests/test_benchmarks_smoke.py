@@ -30,7 +30,8 @@ def test_benchmarks_smoke(tmp_path):
     rows = data["rows"]
     assert rows and all(KEYS <= set(r) for r in rows)
     ops = {r["op"] for r in rows}
-    assert {"partial_global", "band"} <= ops
+    assert {"partial_global", "band", "partial_global_varlen", "band_varlen",
+            "pool_varlen"} <= ops
     if "pooling" not in ops:  # pooling ops not importable yet: the skip must say why
         assert data["scripts"]["pooling"]["skipped"] or data["scripts"]["pooling"]["unavailable"]
 
@@ -40,7 +41,9 @@ def test_benchmarks_smoke(tmp_path):
         assert wrong and all(r["status"].startswith("WRONG (") for r in wrong), wrong
         assert all(r["ms"] is None and r["err"] > r["tol"] for r in wrong)
         # the float64-checked baselines and the reference backend pass the gate and are timed
-        for prov in ("ours[reference]", "pargo-eager" if op != "pooling" else "deco-eager"):
+        baseline = {"pooling": "deco-eager", "pool_varlen": "per-image-loop"}.get(
+            op, "sdpa-padded" if op.endswith("_varlen") else "pargo-eager")
+        for prov in ("ours[reference]", baseline):
             ok = [r for r in op_rows if r["provider"] == prov]
             assert ok and all(r["status"] == "ok" and r["ms"] is not None and r["err"] <= r["tol"]
                               for r in ok), (prov, ok)
@@ -51,6 +54,43 @@ def test_benchmarks_smoke(tmp_path):
 
     md = open(path[:-5] + ".md").read()
     assert "SMOKE RUN" in md and "| case |" in md and "WRONG (" in md
+    # no Triton without the interpreter here, so no ratio has both sides: the section is there
+    assert "time" in data["scripts"]["varlen"]["ratios"] and "## ratios of `varlen`" in md
+
+
+def test_varlen_benchmark_smoke(tmp_path):
+    """bench_varlen.py --smoke under the Triton interpreter: a tiny dynamic-resolution batch;
+    our Triton varlen ops (with and without the plan build), the padded dense SDPA and the
+    per-image pooling loop pass the per-image float64 gate and are timed; Flex runs forward
+    (eager) or says why not; a rolled-keys provider comes out WRONG; the ratios are written."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_varlen.py"),
+                           "--smoke", "--inject-wrong", "--modes", "fwd,fwd+bwd", "--out",
+                           str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "raw" / "varlen.jsonl")]
+    by = {(r["case"], r["provider"], r["mode"]): r for r in rows}
+    cases = {r["case"] for r in rows}
+    assert cases == {"pg", "pg-half", "band", "band-half", "pool", "pool-half"}
+    attn = ("ours[triton]", "ours[triton]+plan", "sdpa-padded", "sdpa-padded+mask")
+    pool = ("ours[triton]", "ours[triton]+plan", "per-image-loop")
+    for case in cases:
+        for prov in (pool if case.startswith("pool") else attn):
+            for mode in ("fwd", "fwd+bwd"):
+                r = by[(case, prov, mode)]
+                assert r["status"] == "ok" and r["err"] <= r["tol"] and r["ms"] > 0, r
+        wrong = [r for r in rows if r["case"] == case and r["provider"].startswith("wrong[")]
+        assert len(wrong) == 2 and all(r["status"].startswith("WRONG (") for r in wrong), wrong
+        if not case.startswith("pool"):
+            fl = by[(case, "flex+mask", "fwd")]
+            assert fl["status"] == "ok" or fl["status"].startswith("n/a ("), fl
+            assert by[(case, "flex", "fwd+bwd")]["status"].startswith("n/a ("), "no CPU bwd"
+    meta = json.load(open(tmp_path / "raw" / "varlen.meta.json"))
+    labels = {(r["case"], r["ratio"]) for r in meta["ratios"]["time"]}
+    assert ("pg", "sdpa-padded+mask / ours+plan (incl. construction)") in labels
+    assert "flex+mask / ours+plan (incl. construction)" in proc.stdout or \
+        "n/a (" in by[("pg", "flex+mask", "fwd")]["status"]
 
 
 def test_projector_benchmark_smoke(tmp_path):

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="counts tl.dot calls of the Triton interpreter (CPU only)")
 
 
-@pytest.fixture
-def dot_counter(monkeypatch):
+def install_dot_counter(monkeypatch):
+    """``(counts, current)``: every interpreted ``tl.dot`` adds ``2 * M * N * K`` to
+    ``counts[current[0]]``."""
     from triton.runtime import interpreter
     counts = Counter()
     current = ["?"]
@@ -42,6 +43,12 @@ def dot_counter(monkeypatch):
         counts[current[0]] += 2 * m * n * k
         return real_dot(self, a, b, *args, **kwargs)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    return counts, current
+
+
+@pytest.fixture
+def dot_counter(monkeypatch):
+    counts, current = install_dot_counter(monkeypatch)
     real_launch = attention_triton._launch
 
     def tagged_launch(kernel, launch, *args, **kwargs):
@@ -118,3 +125,97 @@ def test_model_cli_rows(tmp_path):
         assert r["flops_ideal"] < r["flops_issued"] < r["flops_dense"]
     assert rows[0]["flops_ideal"] == 2048 * (288 * 2 + 16 * 576) * 2 * 128
     assert "| partial_global | paper | fwd |" in proc.stdout
+
+
+class _Tagged:
+    """A varlen kernel whose launches set the counter's tag to ``name``."""
+
+    def __init__(self, kernel, name, counts, current):
+        self.kernel, self.name, self.counts, self.current = kernel, name, counts, current
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.current[0] = self.name
+            self.counts[self.name] += 0
+            launch(*args, **kwargs)
+            self.current[0] = "?"
+        return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op", ["pg2d", "pg1d", "band"])
+def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
+    """work_model_varlen.py's FLOPs per launch of a packed batch (sequences of mixed lengths and
+    grids, Np = 0 and Ng = 0 included, keys spanning several tiles) equal the dots the varlen
+    kernels run under the interpreter."""
+    from pargo_kernels.ops import varlen_triton
+    from pargo_kernels.varlen_plan import plan_band, plan_partial_global
+    import work_model_varlen
+    counts, current = install_dot_counter(monkeypatch)
+    for name, attr in (("fwd", "_varlen_fwd_kernel"), ("dq", "_varlen_bwd_dq_kernel"),
+                       ("dkdv", "_varlen_bwd_dkdv_kernel")):
+        monkeypatch.setattr(varlen_triton, attr,
+                            _Tagged(getattr(varlen_triton, attr), name, counts, current))
+    D, Dv, H, window = 16, 24, 2, (5, 3)
+    if op == "pg2d":  # (visual grid, partial grid, globals)
+        seqs = [((20, 20), (15, 13), 3), ((1, 1), (1, 1), 0), ((7, 13), (7, 3), 1)]
+        nv = [a * b for (a, b), _, _ in seqs]
+        npart = [a * b for _, (a, b), _ in seqs]
+        nq = [n + g for n, (_, _, g) in zip(npart, seqs)]
+        kw = dict(visual_grids=[s[0] for s in seqs], partial_grids=[s[1] for s in seqs])
+    else:
+        nv, npart, nq, kw = [97, 5, 70], [13, 0, 70], [16, 4, 70], {}
+    cu_q = [0, *torch.tensor(nq).cumsum(0).tolist()]
+    cu_k = [0, *torch.tensor(nv).cumsum(0).tolist()] if op != "band" else cu_q
+    vplan = (plan_band(cu_q) if op == "band" else
+             plan_partial_global(cu_q, cu_k, npart, **kw))
+    win = window if op == "band" else (0, 0)
+    q = torch.randn(cu_q[-1], H, D).to(dtype)
+    k = torch.randn(cu_k[-1], H, D).to(dtype)
+    v = torch.randn(cu_k[-1], H, Dv).to(dtype)
+    out, lse = varlen_triton.varlen_forward(q, k, v, vplan, vplan.kind, win, D ** -0.5)
+    varlen_triton.varlen_backward(torch.randn_like(out), q, k, v, out, lse, vplan, vplan.kind,
+                                  win, D ** -0.5)
+    expected = {}
+    for which in ("fwd", "bwd"):
+        expected.update(work_model_varlen.issued_flops(vplan, which, H, D, Dv, dtype, win))
+    assert dict(counts) == expected
+    assert counts["?"] == 0 and all(x > 0 for x in expected.values())
+
+
+def test_varlen_rows_tiny(monkeypatch):
+    """The varlen rows on bench_varlen.py's --smoke batch (residency stubbed: it needs the
+    real compiler): the row schema, the ideal FLOPs from the per-image masks, the floors from
+    the packed lengths, programs = the plan's tiles x H, and the padded alternative issuing
+    every pair of the padded tensors (at this tiny size fewer than the issued tiles)."""
+    import work_model_varlen
+    monkeypatch.setattr(work_model, "resources", lambda *a: (64, 16384, 4))
+    from pargo_kernels.varlen_plan import A_KTILES, A_QTILES
+    from pargo_kernels.ops.varlen_triton import varlen_tile_config
+    H, D = 2, 64
+    for (op, case), (vplan, masks, window) in work_model_varlen.dynres_cases(smoke=True).items():
+        allowed = sum(int(m.materialize().sum()) for m in masks)
+        nq = [m.materialize().shape[0] for m in masks]
+        nv = [m.materialize().shape[1] for m in masks]
+        tq, tk = sum(nq), sum(nv)
+        for which, per_pair in (("fwd", 4 * D), ("bwd", 10 * D)):
+            row = work_model_varlen.varlen_row(op, case, vplan, masks, which, H, D,
+                                               torch.bfloat16, window)
+            assert row["flops_ideal"] == H * allowed * per_pair
+            assert row["flops_ideal"] <= row["flops_issued"]  # tiles padded to 16..64 rows
+            assert row["flops_padded"] == H * len(masks) * max(nq) * max(nv) * per_pair
+            io = 2 * D * (tq + 2 * tk)
+            floor = H * (io + 2 * tq * D + 4 * tq) if which == "fwd" else \
+                H * (2 * io + 4 * tq * D + 4 * tq)
+            assert row["bytes_floor"] == floor and row["bytes_requested"] >= floor
+            names = ["fwd"] if which == "fwd" else ["dq", "dkdv"]
+            tiles = [vplan.tiles(A_KTILES if n == "dkdv" else A_QTILES,
+                                 varlen_tile_config(n, D, torch.bfloat16)[
+                                     "BLOCK_N" if n == "dkdv" else "BLOCK_M"]) for n in names]
+            assert row["programs"] == H * sum(tiles)
+            assert [s["name"] for s in row["launches"]] == names
+            pad = work_model_varlen.padded_row(row)
+            assert pad["op"].endswith("_padded_dense") and pad["flops_issued"] == \
+                row["flops_padded"] and pad["bytes_requested"] > pad["bytes_floor"] > floor
