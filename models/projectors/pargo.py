@@ -21,6 +21,12 @@ only and full self-attention (ParGo's baseline by default, BLIP-2's Q-Former wit
 ``impl="kernels"`` runs the block-sparse Triton / CUDA ops; ``impl="reference"`` materialises the
 dense masks and runs eager attention (the released code's computation). Both compute the same
 function (tests/test_projectors.py, tests/test_projector_sources.py).
+
+Packed batches of images of different grids (``proj(x [total, vision_width],
+visual_grids=[...])``, see :meth:`_QueryProjector.forward`): every image gets its own partial
+queries (the rule in :class:`ParGoProjector`) and ``n_global`` globals; the layers run on the
+concatenated queries through the varlen ops (:mod:`models.projectors.packed`), with their plans
+built once per forward; ``impl="reference"`` loops over the images through the dense masks.
 """
 from __future__ import annotations
 
@@ -302,6 +308,24 @@ class ParGoProjector(_QueryProjector):
         dropout: hidden dropout of the BERT layers and embeddings, in ``[0, 1)``
             (attention-probability dropout is not supported: the kernels never materialise the
             probabilities).
+
+    Packed batches (``forward(x, visual_grids=...)``): an image of grid ``(r, c)`` gets
+
+    * with ``partial_grid``: the partial grid
+      :func:`~models.projectors.common.scaled_grid` ``((r, c), visual_grid, partial_grid)``:
+      each axis keeps the configured ratio, rounded half up, at least 1 (24x24 -> 18x16 gives
+      a 24x48 image 18x32 = 576 partial queries, a 36x36 one 27x24, a 1x1 one 1x1); its
+      windows are the 2-D windows of that grid over ``(r, c)``;
+    * without (1-D windows): ``round_half_up(n_partial * r * c / Nv)`` partial queries,
+      clamped to ``[1, r * c]``, with the 1-D windows over its ``r * c`` tokens;
+    * ``n_global`` globals (the same ones for every image), so ``tokens_for_grid((r, c)) =
+      n_partial_i + n_global``.
+
+    The partial queries and their position embeddings are resampled to the image's partial
+    grid by bilinear interpolation (``align_corners=False``, as ViTs resample position
+    embeddings; 1-D: linear over the query index); at the configured grid they are unchanged,
+    so that image gets exactly the fixed-shape result. With ``self_attn="cascade"`` the bands
+    are ``cascade_windows`` of the image's own partial count.
     """
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
@@ -364,7 +388,10 @@ class QFormerProjector(_QueryProjector):
     cross-attention every layer, position embeddings); ``"blip2"`` is BLIP-2's Q-Former (32
     queries, bert-base: 12 layers, hidden 768, 12 heads, intermediate 3072, cross-attention
     every other layer, no position embeddings; BLIP-2 initialises it from bert-base-uncased
-    with ``load_bert(bert, copy_ffn=True)``). Other arguments as :class:`ParGoProjector`."""
+    with ``load_bert(bert, copy_ffn=True)``). Other arguments as :class:`ParGoProjector`.
+
+    Packed batches: every image gets the ``n_query`` queries, full self-attention among its own
+    queries and full cross-attention to its own tokens."""
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
                  preset: str = "pargo", n_query: Optional[int] = None,
