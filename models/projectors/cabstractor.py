@@ -5,10 +5,17 @@ sizes: 37,398,016 parameters (tests/test_projector_sources.py).
 
 The pooling runs through :func:`pargo_kernels.adaptive_avg_pool_tokens` with ``impl="kernels"``
 (``F.adaptive_avg_pool2d`` with ``impl="reference"``); the convolutions are cuDNN's.
+
+A packed batch (``forward(x [total, C], visual_grids=[...])``) runs per image, looping over the
+distinct grids (images of one grid form one batch of the fixed-shape computation; a padded
+convolution would leak padding into the 3x3 convolutions and the squeeze-excitation means):
+the position embedding is resampled bilinearly to the image's grid (``align_corners=False``,
+as ViTs do) and the image is pooled to
+:func:`~models.projectors.common.scaled_grid` of the configured ``visual_grid -> query_grid``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +23,8 @@ from torch import Tensor, nn
 
 from pargo_kernels import adaptive_avg_pool_tokens
 
-from .common import (Projector, check_backend, check_grid, check_impl, check_pos_int,
-                     resolve_query_grid)
+from .common import (Projector, check_backend, check_grid, check_impl, check_pos_int, offsets,
+                     resolve_query_grid, scaled_grid)
 from .registry import register_projector
 
 
@@ -109,12 +116,49 @@ class CAbstractor(Projector):
             readout += [nn.SiLU(), nn.Linear(llm_width, llm_width)]
         self.readout = nn.Sequential(*readout)
 
-    def forward(self, x: Tensor, impl: Optional[str] = None) -> Tensor:
-        self.check_input(x)
+    def tokens_for_grid(self, grid) -> int:
+        rows, cols = scaled_grid(check_grid("grid", grid), self.visual_grid, self.query_grid)
+        return rows * cols
+
+    def forward(self, x: Tensor, visual_grids: Optional[Sequence] = None,
+                impl: Optional[str] = None) -> Union[Tensor, tuple[Tensor, list[int]]]:
+        """``x [B, Nv, vision_width] -> [B, num_queries, llm_width]``; or a packed batch ``x
+        [total, vision_width]`` with ``visual_grids`` -> ``(y [total_out, llm_width], counts)``
+        (module docstring)."""
         impl = check_impl(impl or self.impl)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb.to(x.dtype)
-        (h, w), (qh, qw) = self.visual_grid, self.query_grid
+        if visual_grids is not None:
+            return self._forward_packed(x, visual_grids, impl)
+        self.check_input(x)
+        return self._forward_grid(x, self.visual_grid, self.query_grid, self.pos_emb, impl)
+
+    def _forward_packed(self, x: Tensor, visual_grids, impl: str):
+        grids = self.check_packed(x, visual_grids)
+        cu = offsets(r * c for r, c in grids)
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(grids):
+            by_grid.setdefault(g, []).append(i)
+        outs: list[Optional[Tensor]] = [None] * len(grids)
+        for g, images in by_grid.items():
+            y = self._forward_grid(torch.stack([x[cu[i]:cu[i + 1]] for i in images]), g,
+                                   scaled_grid(g, self.visual_grid, self.query_grid),
+                                   self._pos_emb_for(g), impl)
+            for i, yi in zip(images, y):
+                outs[i] = yi
+        return torch.cat(outs, 0), [o.shape[0] for o in outs]
+
+    def _pos_emb_for(self, grid) -> Optional[Tensor]:
+        """The position embedding resampled to ``grid`` (bilinear, ``align_corners=False``)."""
+        if self.pos_emb is None or grid == self.visual_grid:
+            return self.pos_emb
+        table = self.pos_emb.transpose(1, 2).reshape(1, self.vision_width, *self.visual_grid)
+        table = F.interpolate(table, size=grid, mode="bilinear", align_corners=False)
+        return table.flatten(2).transpose(1, 2)
+
+    def _forward_grid(self, x: Tensor, grid, query_grid, pos_emb, impl: str) -> Tensor:
+        """``x [B, rows*cols, vision_width]`` of ``grid`` -> ``[B, qrows*qcols, llm_width]``."""
+        if pos_emb is not None:
+            x = x + pos_emb.to(x.dtype)
+        (h, w), (qh, qw) = grid, query_grid
         b = x.shape[0]
         img = self.stage1(x.transpose(1, 2).reshape(b, self.vision_width, h, w))
         c = img.shape[1]

@@ -9,7 +9,8 @@ from torch import nn
 from pargo_kernels._validate import check_grid, check_int
 
 __all__ = ["BACKENDS", "IMPLS", "Projector", "check_backend", "check_dropout", "check_grid",
-           "check_impl", "check_int", "check_pos_int", "resolve_query_grid"]
+           "check_impl", "check_int", "check_pos_int", "offsets", "resolve_query_grid",
+           "scaled_grid"]
 
 IMPLS = ("kernels", "reference")
 BACKENDS = ("auto", "triton", "cuda", "reference")  # pargo_kernels' backend names
@@ -42,6 +43,23 @@ def resolve_query_grid(num_name: str, num, query_grid) -> tuple[int, int]:
         raise ValueError(f"{num_name} must be a perfect square (the pooled grid is square), got "
                          f"{num}; pass query_grid=(rows, cols) for another shape")
     return side, side
+
+
+def scaled_grid(grid, base_in, base_out) -> tuple[int, int]:
+    """The per-image rule of the packed batches: the output grid of an image of ``grid`` keeps
+    the configured ``base_in -> base_out`` ratio on each axis, rounded half up, at least 1:
+    ``out_a = max(1, floor(base_out_a * grid_a / base_in_a + 1/2))`` (exact integer arithmetic).
+    ``scaled_grid(base_in, base_in, base_out) == base_out``; a ratio <= 1 keeps ``out_a <=
+    grid_a``. E.g. 24x24 -> 18x16 maps 24x48 to 18x32 and 36x36 to 27x24."""
+    return tuple(max(1, (2 * o * g + i) // (2 * i)) for g, i, o in zip(grid, base_in, base_out))
+
+
+def offsets(counts) -> list[int]:
+    """``[0, c0, c0 + c1, ...]``: the ``cu_seqlens`` of a packed batch of ``counts`` tokens."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
 
 
 def check_backend(backend) -> str:

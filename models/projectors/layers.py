@@ -28,8 +28,18 @@ from pargo_kernels.masks import PartialGlobalMask
 # --------------------------------------------------------------------------------------------
 # attention patterns: what a query may see, as small objects (never a dense mask on the fast path)
 # --------------------------------------------------------------------------------------------
+class DensePattern:
+    """Mixin of the fixed-shape patterns: the reference path is eager attention under the dense
+    mask of ``materialize`` (a pattern object provides ``kernels(q, k, v, backend)`` and
+    ``reference(q, k, v, probs_hook)``, both on ``[B, H, N, D]``)."""
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor,
+                  probs_hook: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+        return eager_attention(q, k, v, self.materialize(q.device), probs_hook=probs_hook)
+
+
 @dataclass(frozen=True)
-class CrossPattern:
+class CrossPattern(DensePattern):
     """Cross-attention of ``n_query`` queries to ``n_key`` visual tokens with the partial-global
     mask (``n_partial = 0``: every query sees every token, as in a Q-Former)."""
 
@@ -94,8 +104,7 @@ class Attention(nn.Module):
         if impl == "kernels":
             o = pattern.kernels(q, k, v, backend)
         else:
-            o = eager_attention(q, k, v, pattern.materialize(x.device),
-                                probs_hook=self.probs_hook)
+            o = pattern.reference(q, k, v, self.probs_hook)
         o = o.transpose(1, 2).reshape(x.shape)
         return self.LayerNorm(x + self.dropout(self.dense(o)))
 

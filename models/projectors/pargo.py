@@ -21,13 +21,20 @@ only and full self-attention (ParGo's baseline by default, BLIP-2's Q-Former wit
 ``impl="kernels"`` runs the block-sparse Triton / CUDA ops; ``impl="reference"`` materialises the
 dense masks and runs eager attention (the released code's computation). Both compute the same
 function (tests/test_projectors.py, tests/test_projector_sources.py).
+
+Packed batches of images of different grids (``proj(x [total, vision_width],
+visual_grids=[...])``, see :meth:`_QueryProjector.forward`): every image gets its own partial
+queries (the rule in :class:`ParGoProjector`) and ``n_global`` globals; the layers run on the
+concatenated queries through the varlen ops (:mod:`models.projectors.packed`), with their plans
+built once per forward; ``impl="reference"`` loops over the images through the dense masks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pargo_kernels import cascade_windows, pargo_self_attention
@@ -35,8 +42,9 @@ from pargo_kernels.attention import CASCADE_MODES
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 
 from .common import (Projector, check_backend, check_dropout, check_grid, check_impl,
-                     check_int, check_pos_int)
-from .layers import CrossPattern, QueryLayer, load_bert_weights
+                     check_int, check_pos_int, scaled_grid)
+from .layers import CrossPattern, DensePattern, QueryLayer, load_bert_weights
+from .packed import SelfPatternBuilder, cross_pattern
 from .registry import register_projector
 
 SELF_ATTN_MODES = ("official", "cascade")
@@ -53,7 +61,7 @@ def _self_attention(q: Tensor, k: Tensor, v: Tensor, n_partial: int,
 
 
 @dataclass(frozen=True)
-class QuerySelfPattern:
+class QuerySelfPattern(DensePattern):
     """Self-attention among ``n_partial + n_global`` queries: partial query ``i`` sees partial
     query ``j`` iff ``i - left <= j <= i + right`` (``window``; ``None``: every partial query);
     global queries see all global queries; partial and global queries do not see each other."""
@@ -78,10 +86,12 @@ class QuerySelfPattern:
 
 class _QueryProjector(Projector):
     """Learnable queries (+ position embeddings) + :class:`QueryLayer` stack + output Linear;
-    the masks are chosen by the subclass through ``n_partial``, ``partial_grid`` and the
-    per-layer self-attention windows."""
+    the masks are chosen by the subclass through ``n_partial``, ``partial_grid`` and
+    ``cascade_mode`` (None: every partial query sees every partial query; else the per-layer
+    bands of :func:`pargo_kernels.cascade_windows`)."""
 
-    def __init__(self, config: dict, *, n_partial: int, n_global: int, windows, partial_grid,
+    def __init__(self, config: dict, *, n_partial: int, n_global: int,
+                 cascade_mode: Optional[str], partial_grid,
                  hidden: int, heads: int, intermediate: int, n_layers: int, impl: str,
                  backend: str, dropout: float, pos_emb: bool, cross_attention_freq: int = 1):
         super().__init__(config)
@@ -94,6 +104,7 @@ class _QueryProjector(Projector):
                              "otherwise some partial windows would be empty")
         self.impl, self.backend = impl, backend
         self.n_partial, self.n_global = n_partial, n_global
+        self.partial_grid, self.cascade_mode = partial_grid, cascade_mode
         self.num_visual_tokens = n_partial + n_global
         self.vision_norm = nn.LayerNorm(self.vision_width)
         self.queries = nn.Parameter(torch.empty(1, self.num_visual_tokens, hidden))
@@ -109,7 +120,8 @@ class _QueryProjector(Projector):
                        cross=i % cross_attention_freq == 0)
             for i in range(n_layers))
         self.proj = nn.Linear(hidden, self.llm_width)
-        self.self_patterns = [QuerySelfPattern(n_partial, n_global, w) for w in windows]
+        self.self_patterns = [QuerySelfPattern(n_partial, n_global, w)
+                              for w in self._windows(n_partial)]
         grids = (self.visual_grid, partial_grid) if partial_grid is not None else (None, None)
         self.cross_pattern = CrossPattern(PartialGlobalMask(
             self.num_visual_tokens, self.num_input_tokens, n_partial, *grids))
@@ -143,16 +155,74 @@ class _QueryProjector(Projector):
                                  position_embeddings=self.position_embeddings,
                                  copy_ffn=copy_ffn)
 
-    def forward(self, x: Tensor, impl: Optional[str] = None) -> Tensor:
-        """``x``: ``[B, Nv, vision_width]`` -> ``[B, n_partial + n_global, llm_width]``.
-        ``impl`` overrides ``self.impl`` for this call."""
-        self.check_input(x)
+    def _windows(self, n_partial: int) -> list[Optional[tuple[int, int]]]:
+        """Per-layer partial bands of ``n_partial`` partial queries (None: all of them)."""
+        if self.cascade_mode is None or n_partial == 0:
+            return [None] * len(self.layers)
+        return cascade_windows(n_partial, len(self.layers), self.cascade_mode)
+
+    def partial_for_grid(self, grid) -> tuple[int, Optional[tuple[int, int]]]:
+        """``(n_partial_i, partial_grid_i)`` of an image of ``grid`` in a packed batch (the
+        rule of the class docstring); ``partial_grid_i`` is None with 1-D windows."""
+        rows, cols = check_grid("grid", grid)
+        if self.n_partial == 0:
+            return 0, None
+        if self.partial_grid is None:  # 1-D: the count keeps the ratio, within [1, Nv_i]
+            n = (2 * self.n_partial * rows * cols + self.num_input_tokens) \
+                // (2 * self.num_input_tokens)
+            return min(max(n, 1), rows * cols), None
+        pg = scaled_grid((rows, cols), self.visual_grid, self.partial_grid)
+        if pg[0] * pg[1] > rows * cols:
+            raise ValueError(f"an image of grid {(rows, cols)} would get partial grid {pg} "
+                             f"({pg[0] * pg[1]} queries for {rows * cols} tokens): the "
+                             f"configured partial_grid {self.partial_grid} is finer than "
+                             f"visual_grid {self.visual_grid} along an axis")
+        return pg[0] * pg[1], pg
+
+    def tokens_for_grid(self, grid) -> int:
+        return self.partial_for_grid(grid)[0] + self.n_global
+
+    def forward(self, x: Tensor, visual_grids: Optional[Sequence] = None,
+                impl: Optional[str] = None) -> Union[Tensor, tuple[Tensor, list[int]]]:
+        """``x``: ``[B, Nv, vision_width]`` -> ``[B, n_partial + n_global, llm_width]``; or a
+        packed batch ``x [total, vision_width]`` with ``visual_grids`` (one ``(rows, cols)`` per
+        image) -> ``(y [total_out, llm_width], counts)``, ``counts[i] =
+        tokens_for_grid(visual_grids[i])`` (class docstring). ``impl`` overrides ``self.impl``
+        for this call."""
         impl = check_impl(impl or self.impl)
+        if visual_grids is not None:
+            return self._forward_packed(x, visual_grids, impl)
+        self.check_input(x)
         visual = self.vision_norm(x)
         h = self.query_embeddings(x.shape[0], visual.dtype)
         for layer, pattern in zip(self.layers, self.self_patterns):
             h = layer(h, visual, pattern, self.cross_pattern, impl, self.backend)
         return self.proj(h)
+
+    def _forward_packed(self, x: Tensor, visual_grids, impl: str):
+        grids = self.check_packed(x, visual_grids)
+        parts = []
+        for i, g in enumerate(grids):
+            try:
+                parts.append(self.partial_for_grid(g))
+            except ValueError as e:
+                raise ValueError(f"visual_grids[{i}]: {e}") from None
+        n_partials = [n for n, _ in parts]
+        counts = [n + self.n_global for n in n_partials]
+        cross = cross_pattern(
+            [CrossPattern(PartialGlobalMask(nq, r * c, n, *((g, pg) if pg else (None, None))))
+             for nq, g, (r, c), (n, pg) in zip(counts, grids, grids, parts)],
+            counts, [r * c for r, c in grids], x.device)
+        builder = SelfPatternBuilder(n_partials, self.n_global, x.device)
+        windows = [self._windows(n) for n in n_partials]  # [image][layer]
+        visual = self.vision_norm(x)[None]
+        h = self.packed_query_embeddings(parts, visual.dtype)[None]
+        for li, layer in enumerate(self.layers):
+            ws = [w[li] for w in windows]
+            pattern = builder.layer([QuerySelfPattern(n, self.n_global, w)
+                                     for n, w in zip(n_partials, ws)], ws)
+            h = layer(h, visual, pattern, cross, impl, self.backend)
+        return self.proj(h[0]), counts
 
     def query_embeddings(self, batch: int, dtype=None) -> Tensor:
         """The first layer's input ``[batch, N, hidden]``: dropout(LayerNorm(queries + position
@@ -161,6 +231,33 @@ class _QueryProjector(Projector):
             self.queries + self.position_embeddings
         h = h.expand(batch, -1, -1)
         return self.query_dropout(self.query_norm(h if dtype is None else h.to(dtype)))
+
+    def packed_query_embeddings(self, parts, dtype=None) -> Tensor:
+        """The first layer's input of a packed batch, ``[sum_i (n_partial_i + n_global),
+        hidden]``: per image (``parts[i] = partial_for_grid(grid_i)``) its partial queries and
+        their position embeddings resampled to its partial grid, then the globals, through the
+        same LayerNorm and dropout as :meth:`query_embeddings`."""
+        tables = [self.queries[0]] + ([] if self.position_embeddings is None
+                                      else [self.position_embeddings[0]])
+        resampled, rows = {}, []
+        for n, pg in parts:
+            if (n, pg) not in resampled:
+                resampled[n, pg] = sum(self._resample(t[:self.n_partial], n, pg) for t in tables)
+            rows += [resampled[n, pg], sum(t[self.n_partial:] for t in tables)]
+        h = torch.cat(rows, 0)
+        return self.query_dropout(self.query_norm(h if dtype is None else h.to(dtype)))
+
+    def _resample(self, table: Tensor, n: int, pg: Optional[tuple[int, int]]) -> Tensor:
+        """``table [n_partial, hidden]`` resampled to ``n`` partial queries: bilinear over the
+        partial grid (``pg``; 1-D windows: linear over the query index), ``align_corners=False``,
+        as ViTs resample position embeddings; unchanged at the configured size."""
+        if n == 0 or (pg or n) == (self.partial_grid or self.n_partial):
+            return table[:n]
+        t = table.t()[None]  # [1, hidden, n_partial]
+        if pg is None:
+            return F.interpolate(t, size=n, mode="linear", align_corners=False)[0].t()
+        t = t.reshape(1, -1, *self.partial_grid)
+        return F.interpolate(t, size=pg, mode="bilinear", align_corners=False).flatten(2)[0].t()
 
     def attention_patterns(self, device=None) -> dict[str, list[Optional[Tensor]]]:
         """Dense boolean masks of every layer (``"self"``: ``[N, N]``, ``"cross"``: ``[N, Nv]``,
@@ -211,6 +308,24 @@ class ParGoProjector(_QueryProjector):
         dropout: hidden dropout of the BERT layers and embeddings, in ``[0, 1)``
             (attention-probability dropout is not supported: the kernels never materialise the
             probabilities).
+
+    Packed batches (``forward(x, visual_grids=...)``): an image of grid ``(r, c)`` gets
+
+    * with ``partial_grid``: the partial grid
+      :func:`~models.projectors.common.scaled_grid` ``((r, c), visual_grid, partial_grid)``:
+      each axis keeps the configured ratio, rounded half up, at least 1 (24x24 -> 18x16 gives
+      a 24x48 image 18x32 = 576 partial queries, a 36x36 one 27x24, a 1x1 one 1x1); its
+      windows are the 2-D windows of that grid over ``(r, c)``;
+    * without (1-D windows): ``round_half_up(n_partial * r * c / Nv)`` partial queries,
+      clamped to ``[1, r * c]``, with the 1-D windows over its ``r * c`` tokens;
+    * ``n_global`` globals (the same ones for every image), so ``tokens_for_grid((r, c)) =
+      n_partial_i + n_global``.
+
+    The partial queries and their position embeddings are resampled to the image's partial
+    grid by bilinear interpolation (``align_corners=False``, as ViTs resample position
+    embeddings; 1-D: linear over the query index); at the configured grid they are unchanged,
+    so that image gets exactly the fixed-shape result. With ``self_attn="cascade"`` the bands
+    are ``cascade_windows`` of the image's own partial count.
     """
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
@@ -237,10 +352,6 @@ class ParGoProjector(_QueryProjector):
                                  f"{partial_grid[0] * partial_grid[1]} queries but n_partial is "
                                  f"{n_partial}")
         dropout = check_dropout(dropout)
-        if self_attn == "cascade" and n_partial:
-            windows = cascade_windows(n_partial, n_layers, cascade_mode)
-        else:
-            windows = [None] * n_layers
         config = dict(vision_width=vision_width, llm_width=llm_width,
                       visual_grid=list(visual_grid), n_partial=n_partial, n_global=n_global,
                       n_layers=n_layers, hidden=hidden, heads=heads, intermediate=intermediate,
@@ -248,7 +359,8 @@ class ParGoProjector(_QueryProjector):
                       partial_grid=list(partial_grid) if partial_grid else None,
                       pos_emb=bool(pos_emb), impl=check_impl(impl), backend=backend,
                       dropout=dropout)
-        super().__init__(config, n_partial=n_partial, n_global=n_global, windows=windows,
+        super().__init__(config, n_partial=n_partial, n_global=n_global,
+                         cascade_mode=cascade_mode if self_attn == "cascade" else None,
                          partial_grid=partial_grid, hidden=hidden, heads=heads,
                          intermediate=intermediate, n_layers=n_layers, impl=impl,
                          backend=backend, dropout=dropout, pos_emb=bool(pos_emb))
@@ -276,7 +388,10 @@ class QFormerProjector(_QueryProjector):
     cross-attention every layer, position embeddings); ``"blip2"`` is BLIP-2's Q-Former (32
     queries, bert-base: 12 layers, hidden 768, 12 heads, intermediate 3072, cross-attention
     every other layer, no position embeddings; BLIP-2 initialises it from bert-base-uncased
-    with ``load_bert(bert, copy_ffn=True)``). Other arguments as :class:`ParGoProjector`."""
+    with ``load_bert(bert, copy_ffn=True)``). Other arguments as :class:`ParGoProjector`.
+
+    Packed batches: every image gets the ``n_query`` queries, full self-attention among its own
+    queries and full cross-attention to its own tokens."""
 
     def __init__(self, vision_width: int, llm_width: int, visual_grid=(24, 24), *,
                  preset: str = "pargo", n_query: Optional[int] = None,
@@ -301,7 +416,7 @@ class QFormerProjector(_QueryProjector):
                       n_layers=n_layers, hidden=hidden, heads=heads, intermediate=intermediate,
                       cross_attention_freq=cross_attention_freq, pos_emb=pos_emb,
                       impl=check_impl(impl), backend=backend, dropout=dropout)
-        super().__init__(config, n_partial=0, n_global=n_query, windows=[None] * n_layers,
+        super().__init__(config, n_partial=0, n_global=n_query, cascade_mode=None,
                          partial_grid=None, hidden=hidden, heads=heads,
                          intermediate=intermediate, n_layers=n_layers, impl=impl,
                          backend=backend, dropout=dropout, pos_emb=pos_emb,
