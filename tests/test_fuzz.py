@@ -669,17 +669,14 @@ def invalid_partial_global(draw):
         a.pop("q"), a.pop("k"), a.pop("v"), a.pop("n_partial"), **a), expected)
 
 
-@st.composite
-def invalid_band(draw):
-    args = _random_qkv(draw, 10, 10)
-    args.update(window=(2, 1), scale=None,
-                backend=draw(st.sampled_from(["triton", "reference", "auto"])))
-    what = draw(st.sampled_from(["tensor", "window", "window_entry", "scale", "backend"]))
+def _self_attention_break(draw, args, what, bad_windows):
+    """(label, args, expected names) for one broken argument of band / pargo_self attention:
+    ``what`` in tensor, window, window_entry, scale, backend (args' window is a valid pair)."""
     expected = (what,)
     if what == "tensor":
-        what, args, expected = _attn_corruptions(draw, args, ["q", "k", "v"], True)
-    elif what == "window":
-        args["window"] = draw(st.sampled_from([3, (1,), (1, 2, 3), "ab", None]))
+        return _attn_corruptions(draw, args, ["q", "k", "v"], True)
+    if what == "window":
+        args["window"] = draw(st.sampled_from(bad_windows))
     elif what == "window_entry":
         i = draw(st.integers(0, 1))
         w = list(args["window"])
@@ -690,6 +687,19 @@ def invalid_band(draw):
         args["scale"] = draw(st.sampled_from(BAD_SCALES))
     else:
         args["backend"] = draw(st.sampled_from(BAD_BACKENDS))
+    return what, args, expected
+
+
+SELF_ATTN_BREAKS = ["tensor", "window", "window_entry", "scale", "backend"]
+
+
+@st.composite
+def invalid_band(draw):
+    args = _random_qkv(draw, 10, 10)
+    args.update(window=(2, 1), scale=None,
+                backend=draw(st.sampled_from(["triton", "reference", "auto"])))
+    what, args, expected = _self_attention_break(
+        draw, args, draw(st.sampled_from(SELF_ATTN_BREAKS)), [3, (1,), (1, 2, 3), "ab", None])
     a = dict(args)
     return Bad(f"band {what}", lambda: pk.band_attention(
         a.pop("q"), a.pop("k"), a.pop("v"), a.pop("window"), **a), expected)
@@ -697,28 +707,19 @@ def invalid_band(draw):
 
 @st.composite
 def invalid_pargo_self(draw):
+    """As invalid_band (window=None is valid here: every partial key), or a bad n_partial."""
     args = _random_qkv(draw, 10, 10)
-    args.update(n_partial=6, window=draw(st.sampled_from([None, (2, 1)])), scale=None,
+    args.update(n_partial=6, window=(2, 1), scale=None,
                 backend=draw(st.sampled_from(["triton", "reference", "auto"])))
-    what = draw(st.sampled_from(["tensor", "n_partial", "window", "window_entry", "scale",
-                                 "backend"]))
-    expected = (what,)
-    if what == "tensor":
-        what, args, expected = _attn_corruptions(draw, args, ["q", "k", "v"], True)
-    elif what == "n_partial":
+    what = draw(st.sampled_from(SELF_ATTN_BREAKS + ["n_partial"]))
+    if what == "n_partial":
         args["n_partial"] = draw(st.sampled_from(BAD_INTS + [11]))
-    elif what == "window":
-        args["window"] = draw(st.sampled_from([3, (1,), (1, 2, 3), "ab"]))
-    elif what == "window_entry":
-        i = draw(st.integers(0, 1))
-        w = [2, 1]
-        w[i] = draw(st.sampled_from(BAD_INTS))
-        args["window"] = tuple(w)
-        expected = ("window", f"window[{i}]")
-    elif what == "scale":
-        args["scale"] = draw(st.sampled_from(BAD_SCALES))
+        expected = (what,)
     else:
-        args["backend"] = draw(st.sampled_from(BAD_BACKENDS))
+        if what != "window_entry" and draw(st.booleans()):
+            args["window"] = None
+        what, args, expected = _self_attention_break(draw, args, what,
+                                                     [3, (1,), (1, 2, 3), "ab"])
     a = dict(args)
     return Bad(f"pargo_self {what}", lambda: pk.pargo_self_attention(
         a.pop("q"), a.pop("k"), a.pop("v"), a.pop("n_partial"), a.pop("window"), **a), expected)
