@@ -30,10 +30,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 # Modules that define ``aot_specs()``; each new kernel module adds itself here.
-# pargo_kernels.ops.varlen_pool_triton is left out: its backward gather spills 8-56 B on
-# sm_90 for 16-bit inputs (`aot_specs()` is there; add it once that is fixed).
 KERNEL_MODULES = ["pargo_kernels.ops.attention_triton", "pargo_kernels.ops.pool_triton",
-                  "pargo_kernels.ops.varlen_triton"]
+                  "pargo_kernels.ops.varlen_pool_triton", "pargo_kernels.ops.varlen_triton"]
 ARCHS = (75, 80, 86, 89, 90)
 # Shared memory a block may use (opt-in maximum), bytes: sm_75 64 KB, sm_86/89 99 KB,
 # sm_80 163 KB, sm_90 227 KB (CUDA C Programming Guide, compute capabilities table).

@@ -19,9 +19,11 @@ import triton
 import triton.language as tl
 
 from .. import varlen_plan as _plan
+from .attention_plan import DEFAULT_ARCH
 from .attention_triton import _dot, _precision
-from .pool_triton import (_TL_DTYPE, _pool_proj_dp_kernel, _pool_proj_dw_kernel, _pooled_tile,
-                          _unpooled_tile, gemm_config, launch_grid, pool_config)
+from .pool_triton import (_TL_DTYPE, FUSED_MIN_ARCH, POOL_BLOCK_CS, _label, _pool_proj_dp_kernel,
+                          _pool_proj_dw_kernel, _pooled_tile, _unpooled_tile, gemm_config,
+                          launch_grid, pool_config)
 
 # metadata columns, as constexprs for the kernels
 P_IN_START = tl.constexpr(_plan.P_IN_START)
@@ -140,6 +142,38 @@ def _pool_proj_varlen_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# launch configurations (one table, read by the launchers and by pargo_kernels.aot)
+# --------------------------------------------------------------------------------------------
+# The pooling kernels take the fixed-shape tiles (pool_triton.pool_config: 1024 elements, 4
+# warps) except where `python -m pargo_kernels.aot --arch 75 80 86 89 90 --filter _pool_varlen`
+# found them spilling. sm_90, backward gather, 16-bit: 4 warps spill 8-56 B at 72 registers
+# (the packed kernel holds each row's image offsets and grids on top of the fixed-shape
+# kernel's registers); 8 warps on the same tile (4 elements a thread) use 51 registers, no
+# spill. Only the warp count changes, never the tile, so results do not change either.
+# arch -> {(kernel, dtype class): num_warps}
+_POOL_WARPS = {90: {("bwd", "16bit"): 8}}
+
+
+def pool_varlen_config(kernel: str, c: int, dtype: torch.dtype, arch: int = DEFAULT_ARCH,
+                       interpret: bool = False) -> dict:
+    """Launch configuration of the varlen pooling kernel ``kernel`` ("fwd" or "bwd") for ``c``
+    channels on ``sm_<arch>`` (the interpreter's tiles are pool_config's, whatever the arch)."""
+    cfg = pool_config(c, interpret)
+    if not interpret:
+        cls = "fp32" if dtype == torch.float32 else "16bit"
+        cfg["num_warps"] = _POOL_WARPS.get(arch, {}).get((kernel, cls), cfg["num_warps"])
+    return cfg
+
+
+def _arch(t: torch.Tensor) -> int:
+    """Compute capability of ``t``'s GPU as ``major * 10 + minor`` (DEFAULT_ARCH on the CPU)."""
+    if not t.is_cuda:
+        return DEFAULT_ARCH
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+# --------------------------------------------------------------------------------------------
 # launchers (``plan``: a pooling VarlenPlan; nothing here reads a device tensor)
 # --------------------------------------------------------------------------------------------
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -167,7 +201,8 @@ def _pool_launch(src: torch.Tensor, plan, backward: bool) -> torch.Tensor:
     dst = _empty((M, C), src.dtype, src.device)
     if M == 0 or C == 0:
         return dst
-    cfg = pool_config(C, _interp(src))
+    cfg = pool_varlen_config("bwd" if backward else "fwd", C, src.dtype, _arch(src),
+                             _interp(src))
     kernel = _pool_varlen_bwd_kernel if backward else _pool_varlen_fwd_kernel
     kernel[launch_grid(M, C, cfg["BLOCK_M"], cfg["BLOCK_C"])](
         src, dst, plan.meta, *src.stride(), *dst.stride(), M, C, **_bounds(plan, backward),
@@ -237,25 +272,27 @@ def pool_project_varlen_backward(dy, x, weight, has_bias: bool, plan):
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (read by pargo_kernels.aot)
 # --------------------------------------------------------------------------------------------
-def aot_specs(arch: int | None = None):
+def aot_specs(arch: int = DEFAULT_ARCH):
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
-    launchers can make on ``arch`` (None: every arch; the fused kernel from
-    ``pool_triton.FUSED_MIN_ARCH`` on, as the fixed-shape one); the fixed-shape GEMM kernels
-    they reuse are listed by pool_triton."""
-    from .pool_triton import FUSED_MIN_ARCH, POOL_BLOCK_CS
+    launchers can make on ``sm_<arch>``: each dtype x pooling channel tile x direction with
+    :func:`pool_varlen_config`, and (``arch >= pool_triton.FUSED_MIN_ARCH``, as the fixed-shape
+    dispatcher) the fused kernel per dtype x bias; the fixed-shape GEMM kernels of the fused
+    backward are listed by pool_triton."""
+    def split(cfg):
+        cfg = dict(cfg)
+        return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(X=ty, Y=ty, DY=ty, DX=ty, W=ty, BIAS=ty, META="i32")
-        for block_c in POOL_BLOCK_CS:
-            cfg = dict(pool_config(block_c))
-            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            label = f"pool-varlen {ty} M={cfg['BLOCK_M']} C={cfg['BLOCK_C']}"
-            for kernel in (_pool_varlen_fwd_kernel, _pool_varlen_bwd_kernel):
-                yield kernel, ptrs, cfg, options, label
-        if arch is not None and arch < FUSED_MIN_ARCH:
+        for block_c in POOL_BLOCK_CS:  # pool_config's channel tiles: every C maps to one
+            for which, kernel in (("fwd", _pool_varlen_fwd_kernel),
+                                  ("bwd", _pool_varlen_bwd_kernel)):
+                cfg = pool_varlen_config(which, block_c, dtype, arch)
+                yield (kernel, ptrs, *split(cfg), _label("pool-varlen", dtype, cfg))
+        if arch < FUSED_MIN_ARCH:
             continue
-        cfg = dict(gemm_config(dtype))
-        options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        cfg, options = split(gemm_config(dtype))
         for has_bias in (False, True):
             yield (_pool_proj_varlen_fwd_kernel, ptrs,
-                   dict(HAS_BIAS=has_bias, PRECISION=_precision(dtype), **cfg), options,
-                   f"pool-proj-varlen {ty} bias={has_bias}")
+                   dict(cfg, HAS_BIAS=has_bias, PRECISION=_precision(dtype)), options,
+                   _label("pool-proj-varlen", dtype, gemm_config(dtype), has_bias))
