@@ -5,8 +5,9 @@ cores (mma.sync / wgmma), fp32 ones never do (exact fp32, no TF32). Runs
 
 CI budget (2 cores): the test compiles a representative subset of the attention kernels on all
 five architectures (each mask kind, both dtype classes, the largest head dims, where spills and
-shared memory run out first, and the paper's d=64) and the pooling kernels on sm_80 and sm_90
-(their per-architecture specs are the pooling module's); the full matrix is the CLI's:
+shared memory run out first, and the paper's d=64), the fixed-shape pooling kernels on sm_80 and
+sm_90 (their per-architecture specs are the pooling module's), a few varlen attention and varlen
+pooling configurations (see the subsets); the full matrix is the CLI's:
 `python -m pargo_kernels.aot --arch 75 86 89 80 90`.
 """
 import json
@@ -23,6 +24,15 @@ SUBSET = ["_kernel pg1d bf16 d=64 ", "_kernel pg2d fp16 d=128", "_kernel band bf
 # spilled before their per-arch overrides, both dtype classes
 VARLEN_SUBSET = ["varlen-pg2d fp16 d=32 ", "varlen-pg1d fp32 d=128", "varlen-band fp32 d=256",
                  "varlen-pg2d bf16 d=64 "]
+# fixed-shape pooling: "_kernel pool <dtype>" / "_kernel pool-proj <dtype>" (not "pool-varlen")
+POOL_SUBSET = ["_kernel pool ", "_kernel pool-proj "]
+# varlen pooling on sm_90, where the 16-bit backward gather spilled with 4 warps before its
+# per-arch warp count, and sm_75 (no fused kernel there): that backward, a forward, the fused
+# projection in both dtype classes (tensor cores for bf16, none for fp32)
+VARLEN_POOL_SUBSET = ["_pool_varlen_bwd_kernel pool-varlen bf16 ",
+                      "_pool_varlen_bwd_kernel pool-varlen fp16 M=32 ",
+                      "_pool_varlen_fwd_kernel pool-varlen fp32 M=16 ",
+                      "pool-proj-varlen bf16 bias ", "pool-proj-varlen fp32 nobias "]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -36,8 +46,22 @@ def _aot(tmp_path, archs, filters):
 
 
 def test_pool_kernels_compile(tmp_path):
-    rows = _aot(tmp_path, [80, 90], ["_pool"])
+    rows = _aot(tmp_path, [80, 90], POOL_SUBSET)
     assert rows and all(r["ok"] and r["spill_bytes"] == 0 for r in rows), rows
+    assert not [r for r in rows if "varlen" in r["kernel"]]
+
+
+def test_varlen_pool_kernels_compile(tmp_path):
+    rows = _aot(tmp_path, [75, 90], VARLEN_POOL_SUBSET)
+    fused = "_pool_proj_varlen_fwd_kernel"
+    assert {(r["kernel"], r["arch"]) for r in rows} == {
+        *((k, a) for k in ("_pool_varlen_bwd_kernel", "_pool_varlen_fwd_kernel") for a in (75, 90)),
+        (fused, 90)}
+    assert len([r for r in rows if r["kernel"] == "_pool_varlen_bwd_kernel"]) == 2 * 4
+    for r in rows:
+        assert r["ok"] and r["spill_bytes"] == 0, r
+        if r["kernel"] == fused:
+            assert (r["tensor_cores"] == "-") == ("fp32" in r["config"]), r
 
 
 def test_varlen_attention_kernels_compile(tmp_path):

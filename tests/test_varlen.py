@@ -7,6 +7,7 @@ same rounded inputs), independently of the varlen code. Batches are drawn fresh 
 workspaces are NaN-filled before the kernels run, so an unwritten row fails. Also: plans reused
 across calls, torch.compile without recompiling across batches, and validation errors.
 """
+import inspect
 import random
 
 import pytest
@@ -557,3 +558,58 @@ def test_varlen_refuses_the_archs_whose_configs_spill():
     for cap in ((7, 5), (8, 0), (9, 0)):
         assert varlen_plan.varlen_arch_refusal(cap) == ""
         assert list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))
+
+
+_POOL_KERNELS = ("_pool_varlen_fwd_kernel", "_pool_varlen_bwd_kernel",
+                 "_pool_proj_varlen_fwd_kernel", "_pool_proj_dw_kernel", "_pool_proj_dp_kernel")
+
+
+def _launch_key(kernel, ty: str, constexprs: dict, options: dict):
+    return kernel.fn.__name__, ty, frozenset(constexprs.items()), frozenset(options.items())
+
+
+def test_pool_launchers_choose_only_aot_configs(monkeypatch):
+    """What the varlen pooling launchers launch on a GPU of each architecture (every channel
+    tile bucket, each dtype; fused forward and backward from FUSED_MIN_ARCH on) is a
+    configuration `aot_specs(arch)` lists (the fused backward's GEMMs: pool_triton's), so the
+    AOT run compiles exactly what runs. Kernels are replaced by recorders: nothing executes."""
+    from pargo_kernels import aot
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                params = inspect.signature(self.kernel.fn).parameters.values()
+                cx = {p.name for p in params if "constexpr" in str(p.annotation)}
+                launched.append(_launch_key(
+                    self.kernel, pool_triton._TL_DTYPE[args[0].dtype],
+                    {k: v for k, v in kwargs.items() if k in cx},
+                    {k: kwargs[k] for k in ("num_warps", "num_stages")}))
+            return launch
+
+    for name in _POOL_KERNELS:
+        monkeypatch.setattr(varlen_pool_triton, name, Recorder(getattr(varlen_pool_triton, name)))
+    monkeypatch.setattr(varlen_pool_triton, "_interp", lambda t: False)
+    plan = pk.plan_pool([0, 6, 15], [(2, 3), (3, 3)], (2, 2))
+    for arch in aot.ARCHS:
+        monkeypatch.setattr(varlen_pool_triton, "_arch", lambda t, arch=arch: arch)
+        specs = {_launch_key(getattr(k, "kernel", k), ptrs["X"], cx, opts)
+                 for mod in (pool_triton, varlen_pool_triton)
+                 for k, ptrs, cx, opts, _ in mod.aot_specs(arch)}
+        fused = arch >= pool_triton.FUSED_MIN_ARCH
+        for dtype in DTYPES:
+            for c in (1, 16, 17, 40, 64, 300):
+                launched.clear()
+                x, w = torch.randn(15, c).to(dtype), torch.randn(5, c).to(dtype)
+                varlen_pool_triton.pool_varlen_forward(x, plan)
+                varlen_pool_triton.pool_varlen_backward(torch.randn(8, c).to(dtype), plan)
+                for bias in ((None, torch.randn(5).to(dtype)) if fused else ()):
+                    varlen_pool_triton.pool_project_varlen_forward(x, w, bias, plan)
+                    varlen_pool_triton.pool_project_varlen_backward(
+                        torch.randn(8, 5).to(dtype), x, w, bias is not None, plan)
+                assert len(launched) == (12 if fused else 2), launched  # 2 + 2 x (1 + 4)
+                missing = set(launched) - specs
+                assert not missing, f"sm_{arch} {dtype} C={c}: not in aot_specs: {missing}"
