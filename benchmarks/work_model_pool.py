@@ -69,7 +69,8 @@ def refresh_aot(path: str = AOT_JSON) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.dirname(HERE)
     subprocess.run([sys.executable, "-m", "pargo_kernels.aot", "--arch", "90", "--filter",
-                    "_pool", "--json", path], check=True, env=env, stdout=subprocess.DEVNULL)
+                    "_kernel pool ", "_kernel pool-proj ", "--json", path],  # not the varlen ones
+                   check=True, env=env, stdout=subprocess.DEVNULL)
 
 
 def load_resources(path: str = AOT_JSON) -> dict:
