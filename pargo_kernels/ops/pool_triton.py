@@ -485,25 +485,27 @@ def pool_project_backward(dy, x, weight, has_bias: bool, in_grid, out_grid):
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (read by pargo_kernels.aot)
 # --------------------------------------------------------------------------------------------
+def split_options(cfg: dict) -> tuple[dict, dict]:
+    """A launch configuration as ``(constexprs, compile options)``, the halves of an AOT spec."""
+    cfg = dict(cfg)
+    return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+
+
 def aot_specs(arch: int | None = None):
     """Yield ``(kernel, pointer_types, constexprs, options, label)`` for every launch the
     launchers can make on ``arch`` (e.g. 75, 86, 90; None: every arch): each dtype x pooling
     channel tile, and (``arch >= FUSED_MIN_ARCH``) each dtype x GEMM kernel x bias. Labels are
     the ``Launch.label`` of the plans, so the work model can look them up. Every one of them
     uses at most 8 KB of shared memory (sm_75's limit is 64 KB)."""
-    def split(cfg):
-        cfg = dict(cfg)
-        return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(X=ty, Y=ty, DY=ty, DX=ty, W=ty, BIAS=ty, P=ty, DW=ty, DB=ty, DP=ty)
         for block_c in POOL_BLOCK_CS:
             label = _label("pool", dtype, pool_config(block_c))
             for kernel in (_pool_fwd_kernel, _pool_bwd_kernel):
-                yield (kernel, ptrs, *split(pool_config(block_c)), label)
+                yield (kernel, ptrs, *split_options(pool_config(block_c)), label)
         if arch is not None and arch < FUSED_MIN_ARCH:
             continue
-        cfg, options = split(gemm_config(dtype))
+        cfg, options = split_options(gemm_config(dtype))
         cfg["PRECISION"] = _precision(dtype)
         for has_bias in (False, True):
             label = _label("pool-proj", dtype, gemm_config(dtype), has_bias)

@@ -23,7 +23,7 @@ from .attention_plan import DEFAULT_ARCH
 from .attention_triton import _dot, _precision
 from .pool_triton import (_TL_DTYPE, FUSED_MIN_ARCH, POOL_BLOCK_CS, _label, _pool_proj_dp_kernel,
                           _pool_proj_dw_kernel, _pooled_tile, _unpooled_tile, gemm_config,
-                          launch_grid, pool_config)
+                          launch_grid, pool_config, split_options)
 
 # metadata columns, as constexprs for the kernels
 P_IN_START = tl.constexpr(_plan.P_IN_START)
@@ -278,20 +278,16 @@ def aot_specs(arch: int = DEFAULT_ARCH):
     :func:`pool_varlen_config`, and (``arch >= pool_triton.FUSED_MIN_ARCH``, as the fixed-shape
     dispatcher) the fused kernel per dtype x bias; the fixed-shape GEMM kernels of the fused
     backward are listed by pool_triton."""
-    def split(cfg):
-        cfg = dict(cfg)
-        return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-
     for dtype, ty in _TL_DTYPE.items():
         ptrs = dict(X=ty, Y=ty, DY=ty, DX=ty, W=ty, BIAS=ty, META="i32")
         for block_c in POOL_BLOCK_CS:  # pool_config's channel tiles: every C maps to one
             for which, kernel in (("fwd", _pool_varlen_fwd_kernel),
                                   ("bwd", _pool_varlen_bwd_kernel)):
                 cfg = pool_varlen_config(which, block_c, dtype, arch)
-                yield (kernel, ptrs, *split(cfg), _label("pool-varlen", dtype, cfg))
+                yield (kernel, ptrs, *split_options(cfg), _label("pool-varlen", dtype, cfg))
         if arch < FUSED_MIN_ARCH:
             continue
-        cfg, options = split(gemm_config(dtype))
+        cfg, options = split_options(gemm_config(dtype))
         for has_bias in (False, True):
             yield (_pool_proj_varlen_fwd_kernel, ptrs,
                    dict(cfg, HAS_BIAS=has_bias, PRECISION=_precision(dtype)), options,
