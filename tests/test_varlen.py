@@ -179,13 +179,20 @@ def _per_seq_window(n):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_band_varlen_per_sequence_windows(dtype, device):
     """Every sequence its own window (as a list of pairs or an int tensor [n_seq, 2]): each
-    equals the fixed-shape band on its slice with its own window. Lengths up to 90 span several
-    key tiles, so dK / dV programs invert their own sequence's window; the windows differ from
-    sequence to sequence (a window read from a neighbour's row shows)."""
-    lens = _batch(lambda s: 1 if s else random.randint(2, 90), ("one",), n_min=2)
-    windows = [_per_seq_window(n) for n in lens]
-    windows[0] = (0, 0) if windows[1] != (0, 0) else (lens[0] + 1, 3)  # neighbours differ
-    random.shuffle(windows)
+    equals the fixed-shape band on its slice with its own window. One sequence spans several
+    key tiles with a band crossing them, so dK / dV programs invert their own sequence's
+    window; every band differs from its predecessor's (a neighbour's window shows)."""
+    def seq(special):  # (length, window); "long": past a 64-key tile, a band crossing tiles
+        if special == "long":
+            return random.randint(70, 100), (random.randint(1, 20), random.randint(1, 20))
+        n = 1 if special == "one" else random.randint(2, 60)
+        return n, _per_seq_window(n)
+    lens, windows = map(list, zip(*_batch(seq, ("one", "long"), n_min=2)))
+    for i in range(1, len(lens)):  # as clipped to sequence i, its band differs from i - 1's
+        n = lens[i]
+        left, right = (min(w, n - 1) for w in windows[i])
+        if n > 1 and (left, right) == tuple(min(w, n - 1) for w in windows[i - 1]):
+            windows[i] = ((left + 1) % n, right)
     arg = torch.tensor(windows) if dtype == torch.float16 else windows
     _attention_case([(n, n) for n in lens], "band", dtype, device,
                     strided=dtype != torch.float32, window=arg, scale=0.3,
