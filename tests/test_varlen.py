@@ -273,6 +273,10 @@ def test_plan_run_does_not_synchronise():
     try:
         pk.band_attention_varlen(q, q, q, window=(2, 1), plan=plan)
         pk.band_attention_varlen(q, q, q, [0, 5, 12], (2, 1))  # CPU offsets: no sync either
+        windows = torch.tensor([[2, 1], [0, 4]])  # per-sequence windows: CPU data, or a plan
+        pk.band_attention_varlen(q, q, q, [0, 5, 12], windows)
+        pk.band_attention_varlen(q, q, q, plan=pk.plan_band([0, 5, 12], windows=windows,
+                                                            device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
