@@ -376,8 +376,7 @@ def band_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, wind
     if plan.windows:  # the plan's per-sequence windows; the kernels take (0, 0) as the pair
         if window is not None and not per_seq:
             raise ValueError("window must be None with a plan built with per-sequence windows "
-                             "(plan_band(cu_seqlens, windows=...)), got "
-                             f"{window!r}")
+                             f"(plan_band(cu_seqlens, windows=...)), got {window!r}")
         window = (0, 0)
     elif not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError("window must be a pair (left, right) of non-negative ints, or one pair "
