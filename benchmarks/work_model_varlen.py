@@ -60,8 +60,9 @@ def seq_problems(vplan: vp.VarlenPlan, H: int, D: int, Dv: int, dtype, window=(0
     out = []
     for row in vplan.meta_host[:-1].tolist():
         nq, nv = row[vp.A_NQ], row[vp.A_NV]
-        if vplan.kind == KIND_BAND:
-            params = (min(window[0], nq - 1), min(window[1], nq - 1), 0, 0, 0)
+        if vplan.kind == KIND_BAND:  # the call's window or the plan's per-sequence one
+            left, right = vp.band_window(row, window)
+            params = (min(left, nq - 1), min(right, nq - 1), 0, 0, 0)
         else:
             params = tuple(row[vp.A_P0:vp.A_P0 + 5])
         out.append((row[vp.A_Q_START], row[vp.A_K_START],

@@ -41,8 +41,9 @@ from .pooling import _triton_reasons as _pool_triton_reasons
 from .pooling import check_projection, pool_project_reference, pool_tokens_reference
 from .reference import masked_attention
 from .varlen_plan import (A_K_START, A_NQ, A_NV, A_P0, A_Q_START, KIND_POOL, P_HIN, P_HOUT,
-                          P_IN_START, P_WIN, P_WOUT, VarlenPlan, plan_band,
-                          plan_partial_global, plan_pool, varlen_arch_refusal)
+                          P_IN_START, P_WIN, P_WOUT, VarlenPlan, band_window, check_cu_seqlens,
+                          check_windows, plan_band, plan_partial_global, plan_pool,
+                          varlen_arch_refusal)
 
 _CUDA_REFUSAL = ("the CUDA extension has no varlen kernels (packed batches run on the Triton "
                  "backend)")
@@ -284,7 +285,7 @@ def _attention_reference(q, k, v, plan: VarlenPlan, kind: int, window, scale):
     for row in plan.meta_host[:-1].tolist():
         qs, ks, nq, nv = row[A_Q_START], row[A_K_START], row[A_NQ], row[A_NV]
         if kind == KIND_BAND:
-            mask = BandMask(nq, *window)
+            mask = BandMask(nq, *band_window(row, window))
         else:
             p = row[A_P0:A_P0 + 5]
             grids = ((p[1], p[2]), (p[3], p[4])) if kind == KIND_PG2D else (None, None)
@@ -347,24 +348,58 @@ def band_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, wind
     """Banded self-attention over a packed batch (DESIGN.md §2, §5).
 
     ``q, k, v``: ``[total, H, D]`` (``v`` may have its own head dim), any strides;
-    ``cu_seqlens``: offsets as in :func:`partial_global_attention_varlen` (or ``plan=`` from
-    :func:`~pargo_kernels.varlen_plan.plan_band`, which serves every window, so one plan
-    serves a whole cascade); ``window = (left, right)``, non-negative ints shared by all
-    sequences: query ``i`` of a sequence sees keys ``j`` of the same sequence with
-    ``i - left <= j <= i + right``; no key crosses a sequence boundary. ``scale``, ``backend``
-    as in :func:`partial_global_attention_varlen`. Returns ``[total, H, Dv]``.
+    ``cu_seqlens``: offsets as in :func:`partial_global_attention_varlen`. ``window``:
+
+    * ``(left, right)``, non-negative ints shared by all sequences; or
+    * one ``(left, right)`` per sequence: a list of ``n_seq`` pairs or an int tensor
+      ``[n_seq, 2]`` (CPU: no synchronisation; CUDA: one copy to the host), e.g. a cascade over
+      images with different partial counts (``cascade_windows(n_partial_i, ...)[layer]``).
+
+    Query ``i`` of sequence ``s`` sees keys ``j`` of the same sequence with
+    ``i - left_s <= j <= i + right_s`` (windows wider than the sequence are clipped); no key
+    crosses a sequence boundary. One launch per pass serves the whole batch, whatever the
+    windows. ``plan=``: a :func:`~pargo_kernels.varlen_plan.plan_band` plan instead of
+    ``cu_seqlens`` (no synchronisation): ``plan_band(cu_seqlens)`` serves every shared window
+    (pass ``window=(left, right)`` with it: one plan for a whole cascade);
+    ``plan_band(cu_seqlens, windows=...)`` carries per-sequence windows (leave ``window`` None).
+    ``scale``, ``backend`` as in :func:`partial_global_attention_varlen`.
+    Returns ``[total, H, Dv]``.
     """
     _check_packed_qkv(q, k, v)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"band_attention_varlen is self-attention: k has {k.shape[0]} tokens "
                          f"but q has {q.shape[0]}")
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be a pair (left, right) of non-negative ints, got {window!r}")
-    BandMask(1, window[0], window[1])  # validates the window
+    per_seq = _per_sequence(window)
+    windows = window if per_seq else None
     plan = _resolve_plan(plan, (KIND_BAND,), "plan_band", q.device, dict(cu_seqlens=cu_seqlens),
-                         lambda: plan_band(cu_seqlens, device=q.device))
+                         lambda: _band_plan(cu_seqlens, windows, q.device), dict(window=windows))
+    if plan.windows:  # the plan's per-sequence windows; the kernels take (0, 0) as the pair
+        if window is not None and not per_seq:
+            raise ValueError("window must be None with a plan built with per-sequence windows "
+                             f"(plan_band(cu_seqlens, windows=...)), got {window!r}")
+        window = (0, 0)
+    elif not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError("window must be a pair (left, right) of non-negative ints, or one pair "
+                        f"per sequence, got {window!r}")
+    else:
+        BandMask(1, window[0], window[1])  # validates the window
     return _run_attention("band_attention_varlen", q, k, v, plan, KIND_BAND, tuple(window),
                           check_scale(scale, q.shape[2]), backend)
+
+
+def _per_sequence(window) -> bool:
+    """Is ``window`` one pair per sequence (an int tensor, or a list holding pairs) rather than
+    one ``(left, right)`` for all?"""
+    return isinstance(window, Tensor) or isinstance(window, (list, tuple)) and any(
+        isinstance(w, (list, tuple)) or isinstance(w, Tensor) and w.dim() > 0 for w in window)
+
+
+def _band_plan(cu_seqlens, windows, device) -> VarlenPlan:
+    """``plan_band`` from the call's arguments; per-sequence windows are checked here so that
+    errors name the argument ``window`` (the offsets go on as a list: one host copy at most)."""
+    cu = check_cu_seqlens("cu_seqlens", cu_seqlens, min_len=1)
+    windows = None if windows is None else check_windows("window", windows, len(cu) - 1)
+    return plan_band(cu, windows=windows, device=device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ synchronisation); lists of ints and CPU tensors cost none.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 from ._validate import check_int
-from .masks import KIND_BAND, KIND_PG1D, KIND_PG2D, PartialGlobalMask
+from .masks import KIND_BAND, KIND_PG1D, KIND_PG2D, BandMask, PartialGlobalMask
 
 # Tile sizes a kernel may be launched with; the plan carries the schedule for each.
 TILE_SIZES = (16, 32, 64, 128)
@@ -53,7 +54,8 @@ class VarlenPlan:
     ``in_token`` / ``out_token`` are empty ``[0, total]`` tensors that carry the input and output
     lengths as *shapes*, so that fake (meta) implementations know output sizes under
     ``torch.compile`` without reading a tensor. ``cu_seqlens_out`` (pooling: CPU int32) gives
-    the output offsets.
+    the output offsets. ``windows`` (band plans): the rows' ``P0, P1`` hold per-sequence
+    windows (:func:`plan_band` ``windows=``), so the call passes no window.
     """
 
     kind: int
@@ -63,6 +65,7 @@ class VarlenPlan:
     in_token: torch.Tensor
     out_token: torch.Tensor
     cu_seqlens_out: Optional[torch.Tensor] = None
+    windows: bool = False
 
     @property
     def n_seq(self) -> int:
@@ -154,6 +157,31 @@ def check_grids(name: str, grids, n_seq: int, allow_single: bool = False) -> lis
     return out
 
 
+def check_windows(name: str, windows, n_seq: int) -> list[tuple[int, int]]:
+    """Per-sequence band windows ``[n_seq, 2]`` (list of ``(left, right)`` pairs or int tensor),
+    non-negative ints, as a list of ``(left, right)`` tuples."""
+    if isinstance(windows, torch.Tensor):
+        if windows.dim() != 2 or windows.shape[1] != 2:
+            raise ValueError(f"{name} must be [n_seq, 2] (left, right per sequence), got shape "
+                             f"{tuple(windows.shape)}")
+        flat = _ints(name, windows)  # checks the dtype; a CUDA tensor: one copy to host
+        windows = [tuple(flat[2 * i: 2 * i + 2]) for i in range(len(flat) // 2)]
+    elif not isinstance(windows, (list, tuple)):
+        raise TypeError(f"{name} must be a pair (left, right), a list of pairs or an int tensor "
+                        f"[n_seq, 2], got {type(windows).__name__}")
+    if len(windows) != n_seq:
+        raise ValueError(f"{name} has {len(windows)} windows but cu_seqlens has {n_seq} "
+                         "sequences")
+    out = []
+    for i, w in enumerate(windows):
+        if not isinstance(w, (list, tuple)) or len(w) != 2:
+            raise TypeError(f"{name}[{i}] must be a pair (left, right) of non-negative ints, got "
+                            f"{w!r}")
+        out.append((check_int(f"{name}[{i}][0] (left of sequence {i})", w[0], 0),
+                     check_int(f"{name}[{i}][1] (right of sequence {i})", w[1], 0)))
+    return out
+
+
 def _per_seq_ints(name: str, value, n_seq: int) -> list[int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return [int(value)] * n_seq
@@ -242,11 +270,25 @@ def plan_partial_global(cu_seqlens_q, cu_seqlens_k, n_partial, *, visual_grids=N
     return _attention_plan(KIND_PG1D if vgs is None else KIND_PG2D, cu_q, cu_k, params, device)
 
 
-def plan_band(cu_seqlens, *, device="cpu") -> VarlenPlan:
-    """Plan of :func:`~pargo_kernels.band_attention_varlen` (the window is a per-call scalar
-    pair, so one plan serves every layer of a cascade)."""
+def plan_band(cu_seqlens, *, windows=None, device="cpu") -> VarlenPlan:
+    """Plan of :func:`~pargo_kernels.band_attention_varlen`. ``windows=None``: the window is a
+    per-call pair shared by all sequences, so one plan serves every layer of a cascade.
+    ``windows``: one ``(left, right)`` per sequence (list of pairs or int tensor ``[n_seq, 2]``;
+    a CUDA tensor is copied to the host once), held in the rows' ``P0, P1`` (clipped to the
+    sequence): the kernels read sequence ``i``'s own band, and the call passes no window."""
     cu = check_cu_seqlens("cu_seqlens", cu_seqlens, min_len=1)
-    return _attention_plan(KIND_BAND, cu, cu, [(0, 0, 0, 0, 0)] * (len(cu) - 1), device)
+    n_seq = len(cu) - 1
+    if windows is None:
+        return _attention_plan(KIND_BAND, cu, cu, [(0, 0, 0, 0, 0)] * n_seq, device)
+    params = [BandMask(cu[i + 1] - cu[i], *w).params  # clipped to the sequence (int32)
+              for i, w in enumerate(check_windows("windows", windows, n_seq))]
+    return dataclasses.replace(_attention_plan(KIND_BAND, cu, cu, params, device), windows=True)
+
+
+def band_window(row: list, window) -> tuple[int, int]:
+    """The band of a plan row: the per-call ``window`` or the row's per-sequence ``P0, P1`` (the
+    other is ``(0, 0)``), as the kernels combine them (their maximum), before clipping."""
+    return max(int(window[0]), row[A_P0]), max(int(window[1]), row[A_P0 + 1])
 
 
 def plan_pool(cu_seqlens, in_grids, out_grids, *, device="cpu") -> VarlenPlan:

@@ -176,6 +176,23 @@ MUTANTS = [
            "inv = 1.0 / (y1 - y0).to(tl.float32)",
            ("tests/test_pooling.py", "-k", "24-7 and triton"),
            "pooled mean divided by the window height only"),
+    # --- packed (varlen) band attention with per-sequence windows
+    Mutant("varlen-band-window-of-previous-sequence", "pargo_kernels/ops/varlen_triton.py",
+           "p0 = tl.minimum(tl.maximum(LEFT, tl.load(row + A_P0)), nq - 1)",
+           "p0 = tl.minimum(tl.maximum(LEFT, tl.load(META + tl.maximum(s - 1, 0) * A_FIELDS "
+           "+ A_P0)), nq - 1)",
+           ("tests/test_varlen.py", "-k", "per_sequence_windows and fp32"),
+           "a sequence's per-sequence left window read from the previous sequence's plan row"),
+    Mutant("varlen-band-dkdv-inverts-the-shared-window", "pargo_kernels/ops/varlen_triton.py",
+           "nq, nv,\n                                   p0, p1, p2, p3, p4, KIND)",
+           "nq, nv,\n                                   tl.minimum(LEFT, nq - 1), "
+           "tl.minimum(RIGHT, nq - 1), p2, p3, p4, KIND)",
+           ("tests/test_varlen.py", "-k", "per_sequence_windows and fp32"),
+           "dK/dV key tiles invert the per-call window instead of their sequence's own"),
+    Mutant("packed-self-plan-per-layer", "models/projectors/packed.py",
+           "if key not in self._plans:", "if True:",
+           ("tests/test_projectors_packed.py", "-k", "float64 and official"),
+           "the packed projector rebuilds its band plan in every layer"),
     # --- MLLM trainer: several images of different sizes / video frames per sample
     Mutant("mllm-packed-images-reversed", MLLM,
            "y, counts = self.projector(torch.cat(feats).to(proj_dtype), visual_grids=grids)",

@@ -448,13 +448,19 @@ def partial_global_varlen(draw):
 
 @st.composite
 def band_varlen(draw):
+    """One window for the batch, or one per sequence (a list of pairs or an int tensor)."""
     lens = draw(st.lists(sizes(1, 40), min_size=1, max_size=4))
-    window = (draw(st.integers(0, max(lens) + 3)), draw(st.integers(0, max(lens) + 3)))
-    masks = [BandMask(n, *window) for n in lens]
+
+    def pair(n):
+        return draw(st.integers(0, n + 3)), draw(st.integers(0, n + 3))
+    how = draw(st.sampled_from(["shared", "list", "tensor"]))
+    windows = [pair(n) for n in lens] if how != "shared" else [pair(max(lens))] * len(lens)
+    window = {"shared": windows[0], "list": windows, "tensor": torch.tensor(windows)}[how]
+    masks = [BandMask(n, *w) for n, w in zip(lens, windows)]
 
     def run(q, k, v, cu_q, cu_k, scale, backend):
         return pk.band_attention_varlen(q, k, v, cu_q, window, scale=scale, backend=backend)
-    return draw(packed_qkv_case(f"band_varlen N={lens} window={window}", masks, run,
+    return draw(packed_qkv_case(f"band_varlen N={lens} window={windows} ({how})", masks, run,
                                 draw(_scales())))
 
 
@@ -706,6 +712,37 @@ def invalid_band(draw):
 
 
 @st.composite
+def invalid_band_varlen(draw):
+    """A packed band call (2 sequences) whose shared or per-sequence window is broken."""
+    q = torch.randn(9, 2, 16, device=DEVICE).to(draw(st.sampled_from(DTYPES)))
+    backend = draw(st.sampled_from(["triton", "reference", "auto"]))
+    windows = [(1, 0), (2, 3)]
+    how = draw(st.sampled_from(["shared", "entry", "pair", "count", "tensor"]))
+    i = draw(st.integers(0, 1))
+    expected = (f"window[{i}]",)
+    if how == "shared":
+        window = draw(st.sampled_from([3, (1,), (1, 2, 3), "ab", None, (1, -1), (2.5, 1)]))
+        expected = ("window", "window[0]", "window[1]")
+    elif how == "entry":
+        w = list(windows[i])
+        w[draw(st.integers(0, 1))] = draw(st.sampled_from(BAD_INTS))
+        window = [tuple(w) if j == i else windows[j] for j in range(2)]
+    elif how == "pair":
+        window = [draw(st.sampled_from([3, (1,), (1, 2, 3), "ab", None])) if j == i else
+                  windows[j] for j in range(2)]
+    elif how == "count":
+        window = draw(st.sampled_from([windows[:1], windows + [(0, 0)]]))
+        expected = ("window",)
+    else:
+        window = draw(st.sampled_from([torch.tensor([[1, 0], [2, -1]]), torch.tensor([[1, 0]]),
+                                       torch.tensor([[1.0, 0.0], [2.0, 3.0]]),
+                                       torch.tensor([[1, 0, 0], [2, 3, 3]])]))
+        expected = ("window", "window[1]")
+    return Bad(f"band_varlen {how}", lambda: pk.band_attention_varlen(
+        q, q, q, [0, 4, 9], window, backend=backend), expected)
+
+
+@st.composite
 def invalid_pargo_self(draw):
     """As invalid_band (window=None is valid here: every partial key), or a bad n_partial."""
     args = _random_qkv(draw, 10, 10)
@@ -784,6 +821,7 @@ def invalid_pool(draw):
 INVALID = {
     "partial_global_attention": invalid_partial_global(),
     "band_attention": invalid_band(),
+    "band_attention_varlen": invalid_band_varlen(),
     "pargo_self_attention": invalid_pargo_self(),
     "cascade_windows": invalid_cascade(),
     "pooling": invalid_pool(),

@@ -103,7 +103,10 @@ def _batch(make, specials, n_min=1):
 # --------------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------------
-def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None):
+def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None,
+                    per_seq_windows=None):
+    """``window``: the band op's argument; ``per_seq_windows``: the pairs it stands for, one per
+    sequence (None: ``window`` is one pair for all)."""
     nq = [s[0] for s in seqs]
     nv = [s[1] for s in seqs]
     q = _packed(sum(nq), H, D, dtype, device, strided)
@@ -130,8 +133,9 @@ def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None)
         for i, s in enumerate(seqs):
             sl = [t[a:b].transpose(0, 1)[None] for t, a, b in (
                 (q_, cu_q[i], cu_q[i + 1]), (k_, cu_k[i], cu_k[i + 1]), (v_, cu_k[i], cu_k[i + 1]))]
-            if mode == "band":
-                o = pk.band_attention(*sl, window, scale=scale, backend="reference")
+            if mode == "band":  # the shared window, or sequence i's own
+                w = window if per_seq_windows is None else per_seq_windows[i]
+                o = pk.band_attention(*sl, w, scale=scale, backend="reference")
             else:
                 g = dict(visual_grid=s[3], partial_grid=s[4]) if mode == "pg2d" else {}
                 o = pk.partial_global_attention(*sl, s[2], scale=scale, backend="reference", **g)
@@ -163,6 +167,37 @@ def test_band_varlen(dtype, device):
     window = (random.randint(0, 12), random.randint(0, 5))
     _attention_case(seqs, "band", dtype, device, strided=dtype == torch.bfloat16, window=window,
                     scale=0.3)
+
+
+def _per_seq_window(n):
+    """A band for a sequence of ``n`` tokens: (0, 0), wider than the sequence, asymmetric."""
+    kind = random.choice(("zero", "wide", "left", "right", "any"))
+    return {"zero": (0, 0), "wide": (n + random.randint(0, 10**6), n + random.randint(0, 5)),
+            "left": (random.randint(1, n + 2), 0), "right": (0, random.randint(1, n + 2)),
+            "any": (random.randint(0, n), random.randint(0, n))}[kind]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_band_varlen_per_sequence_windows(dtype, device):
+    """Every sequence its own window (as a list of pairs or an int tensor [n_seq, 2]): each
+    equals the fixed-shape band on its slice with its own window. One sequence spans several
+    key tiles with a band crossing them, so dK / dV programs invert their own sequence's
+    window; every band differs from its predecessor's (a neighbour's window shows)."""
+    def seq(special):  # (length, window); "long": past a 64-key tile, a band crossing tiles
+        if special == "long":
+            return random.randint(70, 100), (random.randint(1, 20), random.randint(1, 20))
+        n = 1 if special == "one" else random.randint(2, 60)
+        return n, _per_seq_window(n)
+    lens, windows = map(list, zip(*_batch(seq, ("one", "long"), n_min=2)))
+    for i in range(1, len(lens)):  # as clipped to sequence i, its band differs from i - 1's
+        n = lens[i]
+        left, right = (min(w, n - 1) for w in windows[i])
+        if n > 1 and (left, right) == tuple(min(w, n - 1) for w in windows[i - 1]):
+            windows[i] = ((left + 1) % n, right)
+    arg = torch.tensor(windows) if dtype == torch.float16 else windows
+    _attention_case([(n, n) for n in lens], "band", dtype, device,
+                    strided=dtype != torch.float32, window=arg, scale=0.3,
+                    per_seq_windows=windows)
 
 
 def test_band_varlen_wide_window_stays_in_sequence(device):
@@ -219,6 +254,15 @@ def test_plan_reuse_matches_and_builds_nothing(device, monkeypatch):
         assert torch.equal(out, direct)
     for window in ((0, 0), (3, 1)):  # one band plan serves every window of a cascade
         pk.band_attention_varlen(q, q, q, window=window, backend="triton", plan=band_plan)
+    monkeypatch.undo()
+    windows = [(random.randint(0, 4), random.randint(0, 4)) for _ in nq]
+    direct = pk.band_attention_varlen(q, q, q, args[0], windows, backend="triton")
+    windowed = pk.plan_band(args[0], windows=torch.tensor(windows), device=device)
+    monkeypatch.setattr(pk.varlen, "plan_band", no_build)
+    for backend in ("triton", "reference"):  # the reference loop reads the plan's windows too
+        out = pk.band_attention_varlen(q, q, q, backend=backend, plan=windowed)
+        _check(f"per-sequence windows from a plan ({backend})", out, direct, torch.float32,
+               windows)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on a GPU")
@@ -230,6 +274,10 @@ def test_plan_run_does_not_synchronise():
     try:
         pk.band_attention_varlen(q, q, q, window=(2, 1), plan=plan)
         pk.band_attention_varlen(q, q, q, [0, 5, 12], (2, 1))  # CPU offsets: no sync either
+        windows = torch.tensor([[2, 1], [0, 4]])  # per-sequence windows: CPU data, or a plan
+        pk.band_attention_varlen(q, q, q, [0, 5, 12], windows)
+        pk.band_attention_varlen(q, q, q, plan=pk.plan_band([0, 5, 12], windows=windows,
+                                                            device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -354,6 +402,31 @@ def test_compile_does_not_recompile_across_batches(device):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_compile_does_not_recompile_across_per_sequence_windows(device):
+    """Plans with per-sequence windows (the windows are plan tensors, not constants): one graph
+    for batches of different lengths, counts and windows, forward and backward."""
+    from torch._dynamo.utils import counters
+
+    def layer(q, plan):
+        return pk.band_attention_varlen(q, q, q, backend="triton", plan=plan).square().sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for lens in ([7, 3], [5, 12, 1], [9, 2, 6, 4]):
+        windows = [(random.randint(0, n), random.randint(0, n)) for n in lens]
+        plan = pk.plan_band(_offsets(lens), windows=windows, device=device)
+        q = torch.randn(sum(lens), H, D, device=device, requires_grad=True)
+        loss = compiled(q, plan)
+        loss.backward()
+        eager_q = q.detach().requires_grad_()
+        eager = layer(eager_q, plan)
+        eager.backward()
+        _check("compiled loss", loss, eager, torch.float32, windows)
+        _check("compiled dq", q.grad, eager_q.grad, torch.float32, windows)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_opcheck_varlen_ops(device):
     plan = pk.plan_partial_global([0, 3, 8], [0, 7, 12], [2, 0], device=device)
     q, k = torch.randn(8, H, D, device=device), torch.randn(12, H, D, device=device)
@@ -401,6 +474,46 @@ def test_attention_validation(cu_q, cu_k, n_partial, grids, match):
     with pytest.raises(ValueError, match=match):
         pk.partial_global_attention_varlen(q, k, v, cu_q, cu_k, n_partial, backend="reference",
                                            **kw)
+
+
+@pytest.mark.parametrize("window,error,match", [
+    ([(1, 1)], ValueError, r"window has 1 windows but cu_seqlens has 2 sequences"),
+    ([(1, 1), (0, 0), (2, 2)], ValueError, r"window has 3 windows but cu_seqlens has 2"),
+    ([(1, 1), (0, -1)], ValueError, r"window\[1\]\[1\] \(right of sequence 1\) must be >= 0"),
+    ([(-3, 1), (0, 0)], ValueError, r"window\[0\]\[0\] \(left of sequence 0\) must be >= 0"),
+    ([(1, 1), (0.5, 2)], TypeError, r"window\[1\]\[0\] .* must be an int"),
+    ([(1, 1), (True, 2)], TypeError, r"window\[1\]\[0\] .* must be an int"),
+    ([(1, 1), (1, 2, 3)], TypeError, r"window\[1\] must be a pair \(left, right\)"),
+    ([(1, 1), 3], TypeError, r"window\[1\] must be a pair \(left, right\)"),
+    (torch.tensor([[1, 1], [2, -2]]), ValueError, r"window\[1\]\[1\] .* must be >= 0"),
+    (torch.tensor([[1.0, 1.0], [2.0, 2.0]]), TypeError, r"window must be an integer tensor"),
+    (torch.tensor([[1, 1, 1], [2, 2, 2]]), ValueError, r"window must be \[n_seq, 2\]"),
+    (torch.tensor([1, 1]), ValueError, r"window must be \[n_seq, 2\]"),
+    (None, TypeError, r"window must be a pair \(left, right\)"),
+    ((1, -1), ValueError, r"window\[1\] \(right\) must be >= 0"),
+])
+def test_band_window_validation(window, error, match):
+    """Shared and per-sequence windows: bad counts, negative or non-int entries, wrong shapes,
+    refused naming window[i] (sequence i); and windows given twice (call and plan)."""
+    q, k, v = _qkv(9, 9)
+    with pytest.raises(error, match=match):
+        pk.band_attention_varlen(q, k, v, [0, 4, 9], window, backend="reference")
+
+
+def test_band_window_and_plan_validation():
+    q, k, v = _qkv(9, 9)
+    windowed = pk.plan_band([0, 4, 9], windows=[(1, 0), (0, 2)])
+    with pytest.raises(ValueError, match=r"window must be None with a plan built with "
+                                         r"per-sequence windows"):
+        pk.band_attention_varlen(q, k, v, window=(1, 1), plan=windowed)
+    with pytest.raises(ValueError, match=r"either plan= or the per-batch arguments.*window"):
+        pk.band_attention_varlen(q, k, v, window=[(1, 1), (2, 2)], plan=pk.plan_band([0, 4, 9]))
+    with pytest.raises(TypeError, match=r"window must be a pair"):
+        pk.band_attention_varlen(q, k, v, plan=pk.plan_band([0, 4, 9]))
+    with pytest.raises(ValueError, match=r"windows\[0\]\[1\] \(right of sequence 0\)"):
+        pk.plan_band([0, 4, 9], windows=[(1, -1), (0, 2)])
+    with pytest.raises(ValueError, match=r"windows has 1 windows but cu_seqlens has 2"):
+        pk.plan_band([0, 4, 9], windows=[(1, 1)])
 
 
 def test_pool_validation():

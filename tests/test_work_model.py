@@ -145,11 +145,12 @@ class _Tagged:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("op", ["pg2d", "pg1d", "band"])
+@pytest.mark.parametrize("op", ["pg2d", "pg1d", "band", "band_per_seq"])
 def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
     """work_model_varlen.py's FLOPs per launch of a packed batch (sequences of mixed lengths and
-    grids, Np = 0 and Ng = 0 included, keys spanning several tiles) equal the dots the varlen
-    kernels run under the interpreter."""
+    grids, Np = 0 and Ng = 0 included, keys spanning several tiles; band: a shared window or
+    one per sequence from the plan) equal the dots the varlen kernels run under the
+    interpreter."""
     from pargo_kernels.ops import varlen_triton
     from pargo_kernels.varlen_plan import plan_band, plan_partial_global
     import work_model_varlen
@@ -168,8 +169,9 @@ def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
     else:
         nv, npart, nq, kw = [97, 5, 70], [13, 0, 70], [16, 4, 70], {}
     cu_q = [0, *torch.tensor(nq).cumsum(0).tolist()]
-    cu_k = [0, *torch.tensor(nv).cumsum(0).tolist()] if op != "band" else cu_q
+    cu_k = [0, *torch.tensor(nv).cumsum(0).tolist()] if op[:4] != "band" else cu_q
     vplan = (plan_band(cu_q) if op == "band" else
+             plan_band(cu_q, windows=[(5, 3), (0, 9), (40, 1)]) if op == "band_per_seq" else
              plan_partial_global(cu_q, cu_k, npart, **kw))
     win = window if op == "band" else (0, 0)
     q = torch.randn(cu_q[-1], H, D).to(dtype)

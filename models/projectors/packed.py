@@ -4,18 +4,17 @@ The queries of all images are concatenated, ``[1, H, total_q, D]`` (image ``i``:
 queries, then its globals), and so are the visual tokens, ``[1, H, total_v, D]``. A packed
 pattern holds the fixed-shape pattern of every image (the reference path loops over the images
 through them: ``impl="reference"`` is the per-image computation by construction) and, for the
-kernel path, the varlen plans, built once per forward (O(#images) host work, no mask tensor)
-and reused by every layer:
+kernel path, the varlen plans, built on the host (O(#images) work, no mask tensor):
 
 * cross-attention: one ``partial_global_attention_varlen`` call (each image its own
-  ``n_partial`` and, with 2-D windows, its own visual and partial grids);
+  ``n_partial`` and, with 2-D windows, its own visual and partial grids), one plan per forward;
 * self-attention: ParGo's self mask is block-diagonal (partial queries see partial queries,
   globals see globals), so each image contributes two segments, its partial queries and its
-  globals, and the layer is banded attention within segments: ``band_attention_varlen`` over
-  segments that share a window. With the official mask every segment is full, one call over
-  the batch as it lies; with the cascade the partial segments of images with different
-  partial counts have different bands: they are gathered by window (one call per distinct
-  window; segments whose band covers them entirely count as full) and scattered back.
+  globals, which tile the batch in order; a layer is one ``band_attention_varlen`` call over
+  the segments as they lie, each segment with its own window (a partial segment: its image's
+  cascade band; a global segment, or the official mask: the whole segment). The plan carries
+  the windows, so one is built per distinct set of windows: once per forward with the official
+  mask, at most once per layer with the cascade.
 """
 from __future__ import annotations
 
@@ -66,27 +65,11 @@ class PackedCross(PackedPattern):
 
 
 @dataclass(frozen=True, eq=False)
-class _BandGroup:
-    """Segments sharing one band ``window``: their rows (``None``: every row of the batch, in
-    order, no gather) and the plan over their lengths."""
-
-    window: tuple[int, int]
-    rows: Optional[Tensor]
-    plan: VarlenPlan
-
-
-@dataclass(frozen=True, eq=False)
 class PackedSelf(PackedPattern):
-    groups: tuple
-    inverse: Optional[Tensor]  # scatter back: rows of cat(group outputs) -> batch order
+    plan: VarlenPlan  # band plan over the segments, with each segment's window
 
     def packed(self, q, k, v, backend):
-        outs = []
-        for g in self.groups:
-            qs, ks, vs = (q, k, v) if g.rows is None else (q[g.rows], k[g.rows], v[g.rows])
-            outs.append(band_attention_varlen(qs, ks, vs, window=g.window, backend=backend,
-                                              plan=g.plan))
-        return outs[0] if self.inverse is None else torch.cat(outs, 0)[self.inverse]
+        return band_attention_varlen(q, k, v, backend=backend, plan=self.plan)
 
 
 def cross_pattern(images: Sequence, counts_q: Sequence[int], counts_k: Sequence[int],
@@ -105,48 +88,27 @@ def cross_pattern(images: Sequence, counts_q: Sequence[int], counts_k: Sequence[
 
 
 class SelfPatternBuilder:
-    """Packed self-attention patterns of one batch, one per layer, sharing their plans: a
-    plan per distinct set of segments, built once per forward."""
+    """Packed self-attention patterns of one batch, one per layer: a band plan over the segments
+    with per-segment windows, built once per distinct set of windows."""
 
     def __init__(self, n_partials: Sequence[int], n_global: int, device):
         self.device = device
-        counts = [n + n_global for n in n_partials]
-        self.cu_q = tuple(offsets(counts))
-        # segments (start, length, image, is_partial), empty ones dropped
-        self.segments = [seg for i, (s, n) in enumerate(zip(self.cu_q, n_partials))
-                         for seg in ((s, n, i, True), (s + n, n_global, i, False)) if seg[1]]
-        self._plans: dict[tuple[int, ...], tuple] = {}
-
-    def _group(self, ids: tuple[int, ...]) -> tuple:
-        """(rows on the host, rows on the device, plan) of the segments ``ids``; rows None when
-        they are all the segments."""
-        if ids not in self._plans:
-            segs = [self.segments[j] for j in ids]
-            rows = None if len(ids) == len(self.segments) else torch.cat(
-                [torch.arange(s, s + n) for s, n, _, _ in segs])
-            plan = plan_band(offsets(n for _, n, _, _ in segs), device=self.device)
-            self._plans[ids] = rows, None if rows is None else rows.to(self.device), plan
-        return self._plans[ids]
+        self.cu_q = tuple(offsets(n + n_global for n in n_partials))
+        # segments (length, image, is_partial) in batch order, empty ones dropped
+        self.segments = [seg for i, n in enumerate(n_partials)
+                         for seg in ((n, i, True), (n_global, i, False)) if seg[0]]
+        self.cu_seg = offsets(n for n, _, _ in self.segments)
+        self._plans: dict[tuple, VarlenPlan] = {}
 
     def layer(self, images: Sequence, windows: Sequence[Optional[tuple[int, int]]]
               ) -> PackedSelf:
         """The pattern of a layer whose image ``i`` has the fixed-shape pattern ``images[i]``
         and partial band ``windows[i]`` (``None``: every partial query)."""
-        by_window: dict[Optional[tuple[int, int]], list[int]] = {}
-        for j, (_, n, i, partial) in enumerate(self.segments):
-            w = windows[i] if partial else None
-            if w is not None and min(w) >= n - 1:  # the band covers the whole segment
-                w = None
-            by_window.setdefault(w, []).append(j)
-        groups, host_rows = [], []
-        for w, ids in by_window.items():
-            rows, device_rows, plan = self._group(tuple(ids))
-            if w is None:
-                longest = max(self.segments[j][1] for j in ids)
-                w = (longest - 1, longest - 1)
-            groups.append(_BandGroup(w, device_rows, plan))
-            host_rows.append(rows)
-        inverse = None
-        if len(groups) > 1:  # computed on the host: no synchronisation
-            inverse = torch.argsort(torch.cat(host_rows)).to(self.device)
-        return PackedSelf(tuple(images), self.cu_q, self.cu_q, tuple(groups), inverse)
+        bands = []
+        for n, i, partial in self.segments:  # clipped: equal bands share a plan
+            w = windows[i] if partial and windows[i] is not None else (n - 1, n - 1)
+            bands.append((min(w[0], n - 1), min(w[1], n - 1)))
+        key = tuple(bands)
+        if key not in self._plans:
+            self._plans[key] = plan_band(self.cu_seg, windows=bands, device=self.device)
+        return PackedSelf(tuple(images), self.cu_q, self.cu_q, self._plans[key])

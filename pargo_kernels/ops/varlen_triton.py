@@ -11,7 +11,9 @@ sequence is longer) and a program reads only its own sequence's rows.
 Inside a sequence everything is the fixed-shape algorithm of :mod:`attention_triton`, whose
 device helpers (``_query_tile``, ``_row_windows``, ``_allowed``, ``_dq_tile``, ``_dkdv_rows``,
 ``_dot``) run here on the sequence's local row indices and base pointers; the band window is a
-pair of runtime scalars clipped per sequence. Offsets are int64 (a sequence start times a row
+pair of runtime scalars or the sequence's own pair from its plan row (``P0, P1``: per-sequence
+windows, ``varlen_plan.plan_band(windows=...)``), clipped per sequence; the dK/dV programs
+invert the window of their own sequence. Offsets are int64 (a sequence start times a row
 stride may exceed 2**31). ``LSE`` and ``DELTA`` are ``[H, total_q]`` fp32, base 2.
 """
 from __future__ import annotations
@@ -51,9 +53,10 @@ def _sequence(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT,
     row = META + s * A_FIELDS
     nq = tl.load(row + A_NQ)
     nv = tl.load(row + A_NV)
-    if KIND == 2:  # band: the per-call window, clipped to this sequence (no key beyond it)
-        p0 = tl.minimum(LEFT, nq - 1)
-        p1 = tl.minimum(RIGHT, nq - 1)
+    if KIND == 2:  # band: the per-call window or the plan's per-sequence one (the other is
+        # (0, 0): their maximum), clipped to this sequence (no key beyond it)
+        p0 = tl.minimum(tl.maximum(LEFT, tl.load(row + A_P0)), nq - 1)
+        p1 = tl.minimum(tl.maximum(RIGHT, tl.load(row + A_P0 + 1)), nq - 1)
         p2 = p0 * 0
         p3 = p2
         p4 = p2
