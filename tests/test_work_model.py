@@ -137,19 +137,22 @@ class _Tagged:
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
-            self.current[0] = self.name
-            self.counts[self.name] += 0
+            name = "dq_delta" if kwargs.get("DELTA_ONLY") else self.name
+            self.current[0] = name
+            self.counts[name] += 0
             launch(*args, **kwargs)
             self.current[0] = "?"
         return run
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("op", ["pg2d", "pg1d", "band"])
-def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
+@pytest.mark.parametrize("op,split_keys", [("pg2d", None), ("pg1d", None), ("band", None),
+                                           ("pg2d", 64), ("pg1d", 64)])
+def test_varlen_issued_flops_equal_executed_dots(op, split_keys, dtype, monkeypatch):
     """work_model_varlen.py's FLOPs per launch of a packed batch (sequences of mixed lengths and
     grids, Np = 0 and Ng = 0 included, keys spanning several tiles) equal the dots the varlen
-    kernels run under the interpreter."""
+    kernels run under the interpreter; with ``split_keys`` the global tiles of the long
+    sequences are split over keys (the 16-bit delta-only launch counted as ``dq_delta``)."""
     from pargo_kernels.ops import varlen_triton
     from pargo_kernels.varlen_plan import plan_band, plan_partial_global
     import work_model_varlen
@@ -170,7 +173,8 @@ def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
     cu_q = [0, *torch.tensor(nq).cumsum(0).tolist()]
     cu_k = [0, *torch.tensor(nv).cumsum(0).tolist()] if op != "band" else cu_q
     vplan = (plan_band(cu_q) if op == "band" else
-             plan_partial_global(cu_q, cu_k, npart, **kw))
+             plan_partial_global(cu_q, cu_k, npart, split_keys=split_keys, **kw))
+    assert (vplan.n_split > 1) == (split_keys is not None)
     win = window if op == "band" else (0, 0)
     q = torch.randn(cu_q[-1], H, D).to(dtype)
     k = torch.randn(cu_k[-1], H, D).to(dtype)
@@ -183,6 +187,7 @@ def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
         expected.update(work_model_varlen.issued_flops(vplan, which, H, D, Dv, dtype, win))
     assert dict(counts) == expected
     assert counts["?"] == 0 and all(x > 0 for x in expected.values())
+    assert ("dq_delta" in expected) == (split_keys is not None and dtype != torch.float32)
 
 
 def test_varlen_rows_tiny(monkeypatch):
