@@ -14,8 +14,13 @@ varlen kernels (``ops/varlen_triton.py``) compute in-kernel from the sequence's 
 
 * query programs (forward, dQ): the sequence's partial tiles, then its global tiles (no tile
   mixes the two); key loop ``[n_lo, n_hi)`` of the tile's rows, which is
-  ``attention_plan.query_entries`` of that sequence alone without key splits (the varlen
-  kernels do not split); a 16-bit dQ program runs the delta pass and the dQ pass;
+  ``attention_plan.query_entries`` of that sequence alone without the fixed-shape splits; a
+  global tile of a sequence the plan splits (``varlen_plan.SPLIT_KEYS``) is ``nsplit``
+  programs over the key chunks of the plan row; a 16-bit dQ program runs the delta pass and
+  the dQ pass, a split one the dQ pass only, after a delta-only launch (``dq_delta``) over the
+  split programs; the host-side merges (``fwd_merge``, ``delta_reduce``, ``dq_reduce``) are
+  priced as the fixed-shape model's reductions plus one write and read of the reduced rows
+  (``index_copy_`` into the packed rows);
 * key programs (dK/dV): query rows ``[q_lo, q_hi)`` from ``_key_tile_queries`` (the inverse
   window map, conservative by up to a tile, mirrored in :func:`key_entries`), then the global
   rows ``[Np, Nq)``;
@@ -38,6 +43,8 @@ padded output; an assumption of this model, not a measured SDPA schedule.
     python benchmarks/work_model.py --ops varlen [--json PATH]
 """
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 import torch
@@ -175,6 +182,17 @@ def _programs(la: dict):
                            b) for n, lo, hi, b in loads], stores
 
 
+def makespan(iters: list[int], heads: int, resident: int) -> int:
+    """Iterations until the last program of a launch ends when its programs (``iters`` per head,
+    every head alike, in launch order) start as soon as one of ``resident`` slots frees, each
+    taking its main-loop trips plus one (prologue and epilogue): list scheduling, the load
+    balance figure of this model (a model of the SM schedule, not a timing)."""
+    slots = [0] * max(resident, 1)
+    for x in iters * heads:
+        heapq.heappush(slots, heapq.heappop(slots) + x + 1)
+    return max(slots)
+
+
 def launch_stats(la: dict, kind: int, dtype, D: int, Dv: int) -> dict:
     launch = la["launch"]
     if "seqs" not in la:  # a host-side reduction: the fixed-shape model's bytes, plus the
@@ -183,7 +201,7 @@ def launch_stats(la: dict, kind: int, dtype, D: int, Dv: int) -> dict:
         p = plan.Problem(1, launch.heads, 1, 1, D, Dv, dtype, kind, (0,) * 5)
         nbytes = wm.reduction_bytes(p, launch) + 2 * launch.heads * launch.extra["rows"] * width
         return dict(name=launch.name, programs=0, tiles_per_head=0, cfg={}, flops=0, max_iters=0,
-                    mean_iters=0.0, resident=0, bytes=nbytes)
+                    mean_iters=0.0, resident=0, bytes=nbytes, makespan_iters=0)
     iters = [wm.entry_iters(launch, e) for _, _, _, t in la["seqs"] for e in t]
     kernel = KERNELS["dq" if launch.name == "dq_delta" else launch.name]
     bd = max(plan.block_dims(D, Dv))
@@ -191,7 +209,8 @@ def launch_stats(la: dict, kind: int, dtype, D: int, Dv: int) -> dict:
     return dict(name=launch.name, programs=launch.heads * len(iters), tiles_per_head=len(iters),
                 cfg=dict(launch.cfg), flops=launch_flops(la), max_iters=max(iters, default=0),
                 mean_iters=float(np.mean(iters)) if iters else 0.0, resident=resident,
-                bytes=wm.hbm_bytes(_programs(la), resident))
+                bytes=wm.hbm_bytes(_programs(la), resident),
+                makespan_iters=makespan(iters, launch.heads, resident))
 
 
 def pair_counts(masks, cu_q, cu_k, block: int = 128) -> tuple[int, int, int]:
@@ -241,6 +260,7 @@ def varlen_row(op: str, case: str, vplan, masks, which: str, H: int, D: int, dty
                 programs=sum(s["programs"] for s in launches),
                 max_iters_per_program=longest["max_iters"],
                 mean_iters_per_program=round(longest["mean_iters"], 3),
+                makespan_iters=sum(s.get("makespan_iters", 0) for s in launches),
                 iters_launch=longest["name"], launches=launches)
 
 
@@ -258,8 +278,9 @@ def padded_row(row: dict) -> dict:
                 flops_issued=row["flops_padded"], bytes_floor=floor,
                 bytes_requested=floor + (H - 1) * mask, programs=None,
                 max_iters_per_program=None, mean_iters_per_program=None, iters_launch=None,
-                launches=[], label_note="padded dense: every pair of the padded tensors, mask "
-                                        "read once per head (assumption, not a schedule)")
+                makespan_iters=None, launches=[],
+                label_note="padded dense: every pair of the padded tensors, mask read once per "
+                           "head (assumption, not a schedule)")
 
 
 def dynres_cases(smoke: bool = False, split_keys=None) -> dict:

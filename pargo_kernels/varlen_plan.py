@@ -54,7 +54,7 @@ A_FIELDS = A_STILES + len(TILE_SIZES)
 # sequence's first row there; the last plan row holds ``G``), merged afterwards in slot order by
 # the fixed-shape path's reduction (deterministic, no atomics). ``S`` is one number for the
 # batch so that the merge is one dense reduction.
-SPLIT_KEYS = 512  # a multiple of every BLOCK_N: 8 key tiles of 64 (tests lower it)
+SPLIT_KEYS = 768  # a multiple of every BLOCK_N: 12 key tiles of 64 (tests lower it)
 SPLIT_ALIGN = 16  # the smallest BLOCK_N of any tile configuration
 
 # Columns of a pooling plan's metadata rows; the last row holds the totals.

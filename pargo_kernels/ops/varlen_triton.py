@@ -8,6 +8,13 @@ cumulative number of query / key tiles of every planned tile size. Launch grids 
 tile counts, so tiles are scheduled over the concatenation (no program idles because another
 sequence is longer) and a program reads only its own sequence's rows.
 
+A global query tile of a sequence the plan splits (``varlen_plan.SPLIT_KEYS``) is ``nsplit``
+consecutive programs, each over one key chunk, writing fp32 partials (output and LSE; dQ:
+partial dQ, after a delta-only launch over the split programs for 16-bit inputs) to workspaces
+``[H, S, G, ...]`` over the global rows of split sequences; the launchers merge them with the
+fixed-shape ``_merge_splits`` / a sum in slot order (deterministic, no atomics) and copy the
+merged rows into the packed outputs.
+
 Inside a sequence everything is the fixed-shape algorithm of :mod:`attention_triton`, whose
 device helpers (``_query_tile``, ``_row_windows``, ``_allowed``, ``_dq_tile``, ``_dkdv_rows``,
 ``_dot``) run here on the sequence's local row indices and base pointers; the band window is a
@@ -110,7 +117,7 @@ def _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_se
     (int64), rows (local int32 indices: the window arithmetic stays 32-bit, pointer offsets
     are int64, see ``_offsets``), their windows, the key range ``[n_lo, n_hi)`` the tile visits
     (a key split's chunk of it), the Q tile, the sequence's K / V base pointers, the split slot
-    (-1: none) and the rows' int64 index into a split workspace ``[H, NSPLIT, GROWS, ...]``."""
+    (-1: none) and the sequence's plan row."""
     local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4, row = _sequence(
         META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, KIND)
     h = tl.program_id(1).to(tl.int64)
@@ -127,13 +134,16 @@ def _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_se
     d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + _offsets(q_start, rows, sqn, h, sqh) + d[None, :] * sqd,
                 mask=valid[:, None] & (d[None, :] < D), other=0.0)
-    if KIND == 2:
-        ws = rows.to(tl.int64)
-    else:
-        ws = ((h * NSPLIT + tl.maximum(slot, 0)) * GROWS + tl.load(row + A_GSTART)
-              + (rows - p0).to(tl.int64))
     return (q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q,
-            K + k_start * skn + h * skh, V + k_start * svn + h * svh, slot, ws)
+            K + k_start * skn + h * skh, V + k_start * svn + h * svh, slot, row)
+
+
+@triton.jit
+def _split_rows(row, h, slot, rows, NSPLIT, GROWS):
+    """int64 index of a key split's rows into a split workspace ``[H, NSPLIT, GROWS, ...]``
+    (the global rows of split sequences; computed at store time, not held across the loop)."""
+    return ((h * NSPLIT + slot) * GROWS + tl.load(row + A_GSTART)
+            + (rows - tl.load(row + A_P0)).to(tl.int64))
 
 
 @triton.jit
@@ -174,7 +184,7 @@ def _varlen_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base, slot, ws = \
+    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base, slot, row = \
         _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq, STEPS,
                               LEFT, RIGHT, NSPLIT, GROWS, D, TILE_COL, False, BLOCK_M, BLOCK_D,
                               KIND)
@@ -184,6 +194,7 @@ def _varlen_fwd_kernel(
                                x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_DV, KIND,
                                PRECISION)
     if slot >= 0:  # one key split of a global tile: fp32 partials, merged on the host
+        ws = _split_rows(row, h, slot, rows, NSPLIT, GROWS)
         tl.store(OWS + ws[:, None] * DV + dv[None, :], o,
                  mask=valid[:, None] & (dv[None, :] < DV))
         tl.store(LWS + ws, m_i + tl.log2(l_safe), mask=valid)
@@ -207,7 +218,7 @@ def _varlen_bwd_dq_kernel(
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, DELTA_PASS: tl.constexpr,
     DELTA_ONLY: tl.constexpr,
 ):
-    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base, slot, ws = \
+    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base, slot, row = \
         _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq, STEPS,
                               LEFT, RIGHT, NSPLIT, GROWS, D, TILE_COL, DELTA_ONLY, BLOCK_M,
                               BLOCK_D, KIND)
@@ -226,7 +237,7 @@ def _varlen_bwd_dq_kernel(
     if DELTA_ONLY:
         delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd,
                             lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, KIND, PRECISION)
-        tl.store(DWS + ws, delta, mask=valid)
+        tl.store(DWS + _split_rows(row, h, slot, rows, NSPLIT, GROWS), delta, mask=valid)
     else:
         if (slot < 0) & DELTA_PASS:
             delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn,
@@ -239,6 +250,7 @@ def _varlen_bwd_dq_kernel(
                       lo, hi, x0, x1, p2, qk_scale, sm_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_D,
                       KIND, PRECISION)
         if slot >= 0:
+            ws = _split_rows(row, h, slot, rows, NSPLIT, GROWS)
             tl.store(DQWS + ws[:, None] * D + d[None, :], dq,
                      mask=valid[:, None] & (d[None, :] < D))
         else:
@@ -317,8 +329,9 @@ _SM80 = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1)
          ("dkdv", "fp32", 128): (16, 16, 8, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
          ("fwd", "fp32", 256): (16, 16, 8, 1)}
 _SM90 = {("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 128): (16, 16, 4, 1),
-         ("dq", "fp32", 256): (16, 16, 8, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
-         ("fwd", "fp32", 32): (32, 16, 4, 1)}
+         ("dq", "fp32", 256): (16, 16, 4, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
+         ("fwd", "fp32", 16): (32, 16, 4, 1), ("fwd", "fp32", 32): (32, 16, 4, 1),
+         ("fwd", "fp32", 256): (16, 16, 4, 1)}
 _ARCH_OVERRIDES = {75: _SM80, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
 
 
