@@ -332,7 +332,8 @@ _SM90 = {("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 128): (16, 16, 4, 1)
          ("dq", "fp32", 256): (16, 16, 4, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
          ("fwd", "fp32", 16): (32, 16, 4, 1), ("fwd", "fp32", 32): (32, 16, 4, 1),
          ("fwd", "fp32", 256): (16, 16, 4, 1)}
-_ARCH_OVERRIDES = {75: _SM80, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
+_SM75 = {**_SM80, ("fwd", "fp32", 64): (32, 16, 4, 1)}  # 32x32: 24 B spilled (2-D windows)
+_ARCH_OVERRIDES = {75: _SM75, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
 
 
 def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype,
