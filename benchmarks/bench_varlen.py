@@ -131,10 +131,11 @@ class Packed:
     def n_seq(self) -> int:
         return len(self.nq)
 
-    def plan(self, device):
+    def plan(self, device, split_keys=None):
         if self.op == "partial_global":
             return plan_partial_global(self.cu_q, self.cu_k, self.np, visual_grids=self.grids,
-                                       partial_grids=self.pgrids, device=device)
+                                       partial_grids=self.pgrids, device=device,
+                                       split_keys=split_keys)
         return plan_band(self.cu_q, device=device)
 
     def run_ours(self, q, k, v, backend, plan=None):

@@ -14,8 +14,13 @@ varlen kernels (``ops/varlen_triton.py``) compute in-kernel from the sequence's 
 
 * query programs (forward, dQ): the sequence's partial tiles, then its global tiles (no tile
   mixes the two); key loop ``[n_lo, n_hi)`` of the tile's rows, which is
-  ``attention_plan.query_entries`` of that sequence alone without key splits (the varlen
-  kernels do not split); a 16-bit dQ program runs the delta pass and the dQ pass;
+  ``attention_plan.query_entries`` of that sequence alone without the fixed-shape splits; a
+  global tile of a sequence the plan splits (``varlen_plan.SPLIT_KEYS``) is ``nsplit``
+  programs over the key chunks of the plan row; a 16-bit dQ program runs the delta pass and
+  the dQ pass, a split one the dQ pass only, after a delta-only launch (``dq_delta``) over the
+  split programs; the host-side merges (``fwd_merge``, ``delta_reduce``, ``dq_reduce``) are
+  priced as the fixed-shape model's reductions plus one write and read of the reduced rows
+  (``index_copy_`` into the packed rows);
 * key programs (dK/dV): query rows ``[q_lo, q_hi)`` from ``_key_tile_queries`` (the inverse
   window map, conservative by up to a tile, mirrored in :func:`key_entries`), then the global
   rows ``[Np, Nq)``;
@@ -39,6 +44,8 @@ padded output; an assumption of this model, not a measured SDPA schedule.
 """
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import torch
 
@@ -55,8 +62,9 @@ Q_ROWS = ("Q", "dO", "LSE", "delta", "O")  # tensors indexed by query rows (the 
 
 
 def seq_problems(vplan: vp.VarlenPlan, H: int, D: int, Dv: int, dtype, window=(0, 0)):
-    """``(q_start, k_start, Problem)`` of every sequence, from the plan's rows (band: the
-    per-call window clipped to the sequence, as the kernels do)."""
+    """``(q_start, k_start, Problem, (nsplit, chunk))`` of every sequence, from the plan's rows
+    (band: the per-call window clipped to the sequence, as the kernels do; key splits of the
+    global tiles as planned, ``varlen_plan.SPLIT_KEYS``)."""
     out = []
     for row in vplan.meta_host[:-1].tolist():
         nq, nv = row[vp.A_NQ], row[vp.A_NV]
@@ -66,14 +74,23 @@ def seq_problems(vplan: vp.VarlenPlan, H: int, D: int, Dv: int, dtype, window=(0
         else:
             params = tuple(row[vp.A_P0:vp.A_P0 + 5])
         out.append((row[vp.A_Q_START], row[vp.A_K_START],
-                    plan.Problem(1, H, nq, nv, D, Dv, dtype, vplan.kind, params)))
+                    plan.Problem(1, H, nq, nv, D, Dv, dtype, vplan.kind, params),
+                    (row[vp.A_NSPLIT], row[vp.A_CHUNK])))
     return out
 
 
-def query_entries(p: plan.Problem, block_m: int, block_n: int) -> np.ndarray:
-    """Forward / dQ programs of one sequence in the varlen order: partial tiles, then global."""
+def query_entries(p: plan.Problem, block_m: int, block_n: int, split) -> np.ndarray:
+    """Forward / dQ programs of one sequence in the varlen order: partial tiles, then every
+    global tile as ``nsplit`` programs over key chunks ``[s c, min((s + 1) c, Nv))`` (slot
+    ``s``; an empty chunk runs no key tile), as ``_query_tile`` in varlen_triton.py."""
+    nsplit, chunk = split
     e = plan.query_entries(p, block_m, block_n, NO_SPLIT)
-    return np.concatenate([e[e[:, 4] == 0], e[e[:, 4] == 1]])
+    glob = e[e[:, 4] == 1]
+    if nsplit > 1:
+        glob = np.array([(m0, row_end, s * chunk, min((s + 1) * chunk, p.Nv), 1, s)
+                         for m0, row_end, *_ in glob.tolist() for s in range(nsplit)],
+                        np.int64).reshape(-1, plan.ENTRY)
+    return np.concatenate([e[e[:, 4] == 0], glob])
 
 
 def key_entries(p: plan.Problem, block_n: int) -> np.ndarray:
@@ -95,28 +112,49 @@ def key_entries(p: plan.Problem, block_n: int) -> np.ndarray:
     return np.stack([n0, q_lo, q_hi, g_lo, g_hi, np.zeros_like(n0)], 1)
 
 
+def _reduction(name: str, vplan: vp.VarlenPlan, H: int) -> plan.Launch:
+    """A host-side (torch) reduction over the key splits (``varlen_triton``: the fixed-shape
+    ``_merge_splits`` or a sum over slots, then an ``index_copy_`` into the packed rows)."""
+    return plan.Launch(name, H, {}, np.zeros((0, plan.ENTRY), np.int64),
+                       dict(slots=vplan.n_split, rows=vplan.split_rows))
+
+
 def varlen_launches(vplan: vp.VarlenPlan, which: str, H: int, D: int, Dv: int, dtype,
                     window=(0, 0)) -> list[dict]:
-    """The pass's kernel launches: ``dict(launch, seqs=[(q_start, k_start, Problem, table)])``,
-    ``launch`` a ``plan.Launch`` carrying the name, tile config and flags."""
+    """The pass's launches in order: ``dict(launch, seqs=[(q_start, k_start, Problem,
+    table)])`` for a kernel launch (``launch`` a ``plan.Launch`` carrying the name, tile config
+    and flags), ``dict(launch)`` for a host-side reduction over key splits (``fwd_merge``,
+    ``delta_reduce``, ``dq_reduce``), as ``varlen_forward`` / ``varlen_backward`` run them."""
     seqs = seq_problems(vplan, H, D, Dv, dtype, window)
     bd = max(plan.block_dims(D, Dv))
-    names = ["fwd"] if which == "fwd" else ["dq", "dkdv"]
+    delta_pass = dtype != torch.float32
+    split = vplan.n_split > 1
+    if which == "fwd":
+        names = ["fwd"] + (["fwd_merge"] if split else [])
+    else:
+        names = (["dq_delta", "delta_reduce"] if split and delta_pass else []) + ["dq"] + \
+            (["dq_reduce"] if split else []) + ["dkdv"]
     out = []
     for name in names:
-        cfg = varlen_tile_config(name, bd, dtype)
+        if name.endswith(("_merge", "_reduce")):
+            out.append(dict(launch=_reduction(name, vplan, H)))
+            continue
+        cfg = varlen_tile_config("dq" if name == "dq_delta" else name, bd, dtype)
         launch = plan.Launch(name, H, cfg, np.zeros((0, plan.ENTRY), np.int64),
-                             dict(delta_pass=dtype != torch.float32))
+                             dict(delta_pass=delta_pass))
         if name == "dkdv":
-            tables = [key_entries(p, cfg["BLOCK_N"]) for _, _, p in seqs]
+            tables = [key_entries(p, cfg["BLOCK_N"]) for _, _, p, _ in seqs]
             planned = vplan.tiles(vp.A_KTILES, cfg["BLOCK_N"])
         else:
-            tables = [query_entries(p, cfg["BLOCK_M"], cfg["BLOCK_N"]) for _, _, p in seqs]
-            planned = vplan.tiles(vp.A_QTILES, cfg["BLOCK_M"])
+            tables = [query_entries(p, cfg["BLOCK_M"], cfg["BLOCK_N"], sp) for _, _, p, sp in seqs]
+            if name == "dq_delta":  # the key-split programs only
+                tables = [t[t[:, 5] >= 0] for t in tables]
+            planned = vplan.tiles(vp.A_STILES if name == "dq_delta" else vp.A_QTILES,
+                                  cfg["BLOCK_M"])
         if sum(len(t) for t in tables) != planned:  # the plan's grid is what the model reads
             raise AssertionError(f"{name}: {sum(len(t) for t in tables)} entries, plan has "
                                  f"{planned} tiles")
-        out.append(dict(launch=launch, seqs=[(qs, ks, p, t) for (qs, ks, p), t in
+        out.append(dict(launch=launch, seqs=[(qs, ks, p, t) for (qs, ks, p, _), t in
                                              zip(seqs, tables)]))
     return out
 
@@ -128,9 +166,10 @@ def launch_flops(la: dict) -> int:
 
 
 def issued_flops(vplan, which, H, D, Dv, dtype, window=(0, 0)) -> dict:
-    """``{launch name: MMA FLOPs}`` (what tests/test_work_model.py checks)."""
+    """``{kernel launch name: MMA FLOPs}`` (what tests/test_work_model.py checks; the host-side
+    reductions issue no MMA)."""
     return {la["launch"].name: launch_flops(la)
-            for la in varlen_launches(vplan, which, H, D, Dv, dtype, window)}
+            for la in varlen_launches(vplan, which, H, D, Dv, dtype, window) if "seqs" in la}
 
 
 def _programs(la: dict):
@@ -144,15 +183,35 @@ def _programs(la: dict):
                            b) for n, lo, hi, b in loads], stores
 
 
-def launch_stats(la: dict, kind: int, dtype, bd: int) -> dict:
+def makespan(iters: list[int], heads: int, resident: int) -> int:
+    """Iterations until the last program of a launch ends when its programs (``iters`` per head,
+    every head alike, in launch order) start as soon as one of ``resident`` slots frees, each
+    taking its main-loop trips plus one (prologue and epilogue): list scheduling, the load
+    balance figure of this model (a model of the SM schedule, not a timing)."""
+    slots = [0] * max(resident, 1)
+    for x in iters * heads:
+        heapq.heappush(slots, heapq.heappop(slots) + x + 1)
+    return max(slots)
+
+
+def launch_stats(la: dict, kind: int, dtype, D: int, Dv: int) -> dict:
     launch = la["launch"]
+    if "seqs" not in la:  # a host-side reduction: the fixed-shape model's bytes, plus the
+        # index_copy_ pass over the reduced fp32 rows (written once, read once)
+        width = {"fwd_merge": Dv * 4 + 4, "delta_reduce": 4, "dq_reduce": D * 4}[launch.name]
+        p = plan.Problem(1, launch.heads, 1, 1, D, Dv, dtype, kind, (0,) * 5)
+        nbytes = wm.reduction_bytes(p, launch) + 2 * launch.heads * launch.extra["rows"] * width
+        return dict(name=launch.name, programs=0, tiles_per_head=0, cfg={}, flops=0, max_iters=0,
+                    mean_iters=0.0, resident=0, bytes=nbytes, makespan_iters=0)
     iters = [wm.entry_iters(launch, e) for _, _, _, t in la["seqs"] for e in t]
-    resident = wm.resident_programs(*wm.resources(KERNELS[launch.name], kind, dtype, bd,
-                                                  "varlen-"))
+    kernel = KERNELS["dq" if launch.name == "dq_delta" else launch.name]
+    bd = max(plan.block_dims(D, Dv))
+    resident = wm.resident_programs(*wm.resources(kernel, kind, dtype, bd, "varlen-"))
     return dict(name=launch.name, programs=launch.heads * len(iters), tiles_per_head=len(iters),
                 cfg=dict(launch.cfg), flops=launch_flops(la), max_iters=max(iters, default=0),
                 mean_iters=float(np.mean(iters)) if iters else 0.0, resident=resident,
-                bytes=wm.hbm_bytes(_programs(la), resident))
+                bytes=wm.hbm_bytes(_programs(la), resident),
+                makespan_iters=makespan(iters, launch.heads, resident))
 
 
 def pair_counts(masks, cu_q, cu_k, block: int = 128) -> tuple[int, int, int]:
@@ -181,8 +240,7 @@ def varlen_row(op: str, case: str, vplan, masks, which: str, H: int, D: int, dty
     qkv = el * D * (tq + 2 * tk)
     floor = H * (qkv + el * tq * D + 4 * tq) if which == "fwd" else \
         H * (2 * el * tq * D + qkv + 4 * tq + qkv)
-    bd = max(plan.block_dims(D, D))
-    launches = [launch_stats(la, vplan.kind, dtype, bd)
+    launches = [launch_stats(la, vplan.kind, dtype, D, D)
                 for la in varlen_launches(vplan, which, H, D, D, dtype, window)]
     if which == "bwd" and dtype == torch.float32:  # the fixed-shape delta kernel, no MMA
         launches.insert(0, dict(name="delta", programs=0, flops=0, max_iters=0, mean_iters=0.0,
@@ -203,6 +261,7 @@ def varlen_row(op: str, case: str, vplan, masks, which: str, H: int, D: int, dty
                 programs=sum(s["programs"] for s in launches),
                 max_iters_per_program=longest["max_iters"],
                 mean_iters_per_program=round(longest["mean_iters"], 3),
+                makespan_iters=sum(s.get("makespan_iters", 0) for s in launches),
                 iters_launch=longest["name"], launches=launches)
 
 
@@ -220,26 +279,35 @@ def padded_row(row: dict) -> dict:
                 flops_issued=row["flops_padded"], bytes_floor=floor,
                 bytes_requested=floor + (H - 1) * mask, programs=None,
                 max_iters_per_program=None, mean_iters_per_program=None, iters_launch=None,
-                launches=[], label_note="padded dense: every pair of the padded tensors, mask "
-                                        "read once per head (assumption, not a schedule)")
+                makespan_iters=None, launches=[],
+                label_note="padded dense: every pair of the padded tensors, mask read once per "
+                           "head (assumption, not a schedule)")
 
 
-def dynres_cases(smoke: bool = False) -> dict:
-    """name -> (op, plan, masks, window) for the bench_varlen.py batch (full and half)."""
+def dynres_cases(smoke: bool = False, split_keys=None) -> dict:
+    """(op, name) -> (plan, masks, window) for the bench_varlen.py batch (full and half);
+    ``split_keys`` as in ``plan_partial_global`` (``NO_SPLIT``: the plan before key splits)."""
     from bench_varlen import BAND_WINDOW, Packed, batch_grids
     out = {}
     for name, half in (("dynres", False), ("dynres-half", True)):
         grids = batch_grids(smoke, half)
         for op in ("partial_global", "band"):
             pk_ = Packed(op, grids, 64)
-            out[(f"{op}_varlen", name)] = (pk_.plan("cpu"), pk_.masks,
+            out[(f"{op}_varlen", name)] = (pk_.plan("cpu", split_keys), pk_.masks,
                                            BAND_WINDOW if op == "band" else (0, 0))
     return out
 
 
+BEFORE = "before: no key split"
+
+
 def varlen_rows(cases=None) -> list[dict]:
+    """Rows of the packed ops (their plans as run now) and their padded dense alternative,
+    plus, for partial-global, the same plan without key splits (``variant`` ``BEFORE``: the
+    schedule before the splits, kept for comparison)."""
     from bench_varlen import H
     rows = []
+    before = dynres_cases(split_keys=NO_SPLIT)
     for (op, name), (vplan, masks, window) in dynres_cases().items():
         if cases and name not in cases:
             continue
@@ -249,6 +317,11 @@ def varlen_rows(cases=None) -> list[dict]:
             pad = padded_row(row)
             pad["roofline_us"] = wm.roofline_us(pad["flops_issued"], pad["bytes_requested"])
             rows += [row, pad]
+            if op == "partial_global_varlen":
+                old = varlen_row(op, name, before[(op, name)][0], masks, which, H, 64,
+                                 torch.bfloat16, window)
+                old["roofline_us"] = wm.roofline_us(old["flops_issued"], old["bytes_requested"])
+                rows.append(dict(old, variant=BEFORE))
     return rows
 
 

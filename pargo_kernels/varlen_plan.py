@@ -34,9 +34,29 @@ KIND_POOL = -1  # plan of a pooling op (no attention mask)
 
 # Columns of an attention plan's metadata rows.
 A_Q_START, A_K_START, A_NQ, A_NV, A_P0 = 0, 1, 2, 3, 4  # P0..P4: columns 4..8
-A_QTILES = 9  # cumulative query tiles, one column per TILE_SIZES entry
+A_NSPLIT, A_CHUNK, A_GSTART = 9, 10, 11  # key splits of the global tiles (see below)
+A_QTILES = 12  # cumulative query programs, one column per TILE_SIZES entry
 A_KTILES = A_QTILES + len(TILE_SIZES)  # cumulative key tiles
-A_FIELDS = A_KTILES + len(TILE_SIZES)
+A_STILES = A_KTILES + len(TILE_SIZES)  # cumulative key-split programs (16-bit delta launch)
+A_FIELDS = A_STILES + len(TILE_SIZES)
+
+# Key splits of global query tiles (issue 13's flash-decoding split, as the fixed-shape path's
+# ``attention_plan.query_entries``). A global query tile loops over every key of its sequence,
+# so one 48x48 image's global tile would run 36 key tiles of 64 while most programs of the
+# batch run a few. Rule, chosen on the host from the whole batch: let ``Nv*`` be the longest
+# key sequence among the sequences that have global rows and more than ``split_keys`` keys;
+# if there is one, every such sequence splits each of its global tiles into the same number
+# ``S = ceil(Nv* / split_keys)`` of programs, program ``s`` visiting keys
+# ``[s * c_i, min((s + 1) * c_i, Nv_i))`` with ``c_i = ceil(Nv_i / S)`` rounded up to
+# ``SPLIT_ALIGN`` (a chunk may come out empty: it contributes nothing to the merge), so no
+# global program visits more than ``split_keys`` keys (plus alignment). Each split writes an
+# fp32 partial (output and log-sum-exp; dQ: partial dQ and, for 16-bit, partial delta) to a
+# workspace ``[H, S, G, ...]`` over the ``G`` global rows of split sequences (``A_GSTART``: the
+# sequence's first row there; the last plan row holds ``G``), merged afterwards in slot order by
+# the fixed-shape path's reduction (deterministic, no atomics). ``S`` is one number for the
+# batch so that the merge is one dense reduction.
+SPLIT_KEYS = 768  # a multiple of every BLOCK_N: 12 key tiles of 64 (tests lower it)
+SPLIT_ALIGN = 16  # the smallest BLOCK_N of any tile configuration
 
 # Columns of a pooling plan's metadata rows; the last row holds the totals.
 P_IN_START, P_OUT_START, P_HIN, P_WIN, P_HOUT, P_WOUT = range(6)
@@ -70,6 +90,16 @@ class VarlenPlan:
     @property
     def n_seq(self) -> int:
         return self.meta_host.shape[0] - 1
+
+    @property
+    def n_split(self) -> int:
+        """Key splits ``S`` of every split global tile (1: no split; attention plans)."""
+        return int(self.extra[2])
+
+    @property
+    def split_rows(self) -> int:
+        """Global rows of the split sequences (rows of the split workspaces)."""
+        return int(self.extra[3])
 
     def total(self, column: int) -> int:
         return int(self.meta_host[-1, column])
@@ -208,6 +238,10 @@ def _token(n: int, device) -> torch.Tensor:
     return torch.empty((0, n), dtype=torch.int8, device=device)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _cumulative(counts: list[int]) -> list[int]:
     out, acc = [], 0
     for c in counts:
@@ -219,34 +253,59 @@ def _cumulative(counts: list[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # plan builders
 # --------------------------------------------------------------------------------------------
+def key_splits(nq: list[int], nv: list[int], n_partial: list[int],
+               split_keys: int) -> tuple[int, list[int], list[int]]:
+    """``(S, splits, chunks)`` of the rule above: ``splits[i]`` is ``S`` for a split sequence,
+    else 1; ``chunks[i]`` its keys per split (``Nv_i`` when not split)."""
+    long = [b for a, b, p in zip(nq, nv, n_partial) if a > p and b > split_keys]
+    if not long:
+        return 1, [1] * len(nq), list(nv)
+    n_split = _cdiv(max(long), split_keys)
+    split = [a > p and b > split_keys for a, b, p in zip(nq, nv, n_partial)]
+    chunks = [_cdiv(_cdiv(b, n_split), SPLIT_ALIGN) * SPLIT_ALIGN if s else b
+              for b, s in zip(nv, split)]
+    return n_split, [n_split if s else 1 for s in split], chunks
+
+
 def _attention_plan(kind: int, cu_q: list[int], cu_k: list[int], params: list[tuple],
-                    device) -> VarlenPlan:
+                    device, split_keys: Optional[int] = None) -> VarlenPlan:
     n_seq = len(cu_q) - 1
     nq = [cu_q[i + 1] - cu_q[i] for i in range(n_seq)]
     nv = [cu_k[i + 1] - cu_k[i] for i in range(n_seq)]
-    qtiles, ktiles = [], []
+    n_part = [n if kind == KIND_BAND else p[0] for n, p in zip(nq, params)]
+    split_keys = SPLIT_KEYS if split_keys is None else split_keys
+    if isinstance(split_keys, bool) or not isinstance(split_keys, numbers.Integral) \
+            or split_keys < 1:
+        raise ValueError(f"split_keys must be a positive int, got {split_keys!r}")
+    n_split, splits, chunks = key_splits(nq, nv, n_part, split_keys)
+    gstart = _cumulative([n - p if s > 1 else 0 for n, p, s in zip(nq, n_part, splits)])
+    qtiles, ktiles, stiles = [], [], []
     for block in TILE_SIZES:
-        if kind == KIND_BAND:
-            counts = [-(-n // block) for n in nq]
-        else:  # partial tiles, then global tiles (no tile mixes the two)
-            counts = [-(-p[0] // block) + -(-(n - p[0]) // block) for n, p in zip(nq, params)]
-        qtiles.append(_cumulative(counts))
+        # partial tiles, then global tiles x their key splits (no tile mixes the two kinds)
+        gt = [-(-(n - p) // block) * s for n, p, s in zip(nq, n_part, splits)]
+        qtiles.append(_cumulative([-(-p // block) + g for p, g in zip(n_part, gt)]))
         ktiles.append(_cumulative([-(-n // block) for n in nv]))
+        stiles.append(_cumulative([g if s > 1 else 0 for g, s in zip(gt, splits)]))
     rows = []
     for i in range(n_seq + 1):
         last = i == n_seq
         p = (0, 0, 0, 0, 0) if last else params[i]
-        rows.append([cu_q[i], cu_k[i], 0 if last else nq[i], 0 if last else nv[i], *p]
-                    + [t[i] for t in qtiles] + [t[i] for t in ktiles])
+        rows.append([cu_q[i], cu_k[i], 0 if last else nq[i], 0 if last else nv[i], *p,
+                     1 if last else splits[i], 0 if last else chunks[i], gstart[i]]
+                    + [t[i] for t in qtiles] + [t[i] for t in ktiles] + [t[i] for t in stiles])
     meta, host = _to_device(rows, device)
-    extra = torch.tensor([max(nq), max(nv)], dtype=torch.int64)
+    # host-side bounds: longest Nq, Nv; the batch's split count S; global rows of split sequences
+    extra = torch.tensor([max(nq), max(nv), n_split, gstart[-1]], dtype=torch.int64)
     return VarlenPlan(kind, meta, host, extra, _token(cu_k[-1], device), _token(cu_q[-1], device))
 
 
 def plan_partial_global(cu_seqlens_q, cu_seqlens_k, n_partial, *, visual_grids=None,
-                        partial_grids=None, device="cpu") -> VarlenPlan:
+                        partial_grids=None, device="cpu",
+                        split_keys: Optional[int] = None) -> VarlenPlan:
     """Plan of :func:`~pargo_kernels.partial_global_attention_varlen` (arguments as there);
-    ``device`` is where the kernels run (the metadata is copied there once, asynchronously)."""
+    ``device`` is where the kernels run (the metadata is copied there once, asynchronously);
+    ``split_keys``: most keys a global-tile program visits before its tile is split over
+    programs (default ``SPLIT_KEYS``; the rule is in this module's ``SPLIT_KEYS`` comment)."""
     cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, min_len=1)
     cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, min_len=1)
     n_seq = len(cu_q) - 1
@@ -267,7 +326,8 @@ def plan_partial_global(cu_seqlens_q, cu_seqlens_k, n_partial, *, visual_grids=N
         except (ValueError, TypeError) as e:
             raise type(e)(f"sequence {i}: {e}") from None
         params.append(tuple(mask.params))
-    return _attention_plan(KIND_PG1D if vgs is None else KIND_PG2D, cu_q, cu_k, params, device)
+    return _attention_plan(KIND_PG1D if vgs is None else KIND_PG2D, cu_q, cu_k, params, device,
+                           split_keys)
 
 
 def plan_band(cu_seqlens, *, windows=None, device="cpu") -> VarlenPlan:

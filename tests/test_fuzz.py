@@ -437,12 +437,19 @@ def partial_global_varlen(draw):
             masks.append(PartialGlobalMask(np_ + ng, nv, np_))
         n_partial.append(np_)
     grids = dict(visual_grids=vgrids, partial_grids=pgrids) if two_d else {}
+    # global tiles split over keys (varlen_plan.SPLIT_KEYS) at these tiny lengths: a plan
+    split_keys = draw(st.sampled_from([None, 16, 32]))
 
     def run(q, k, v, cu_q, cu_k, scale, backend):
-        return pk.partial_global_attention_varlen(q, k, v, cu_q, cu_k, n_partial, scale=scale,
-                                                  backend=backend, **grids)
+        if split_keys is None:
+            return pk.partial_global_attention_varlen(q, k, v, cu_q, cu_k, n_partial,
+                                                      scale=scale, backend=backend, **grids)
+        plan = pk.plan_partial_global(cu_q, cu_k, n_partial, device=q.device,
+                                      split_keys=split_keys, **grids)
+        return pk.partial_global_attention_varlen(q, k, v, scale=scale, backend=backend,
+                                                  plan=plan)
     label = (f"pg_varlen Nq={[m.n_query for m in masks]} Nv={[m.n_key for m in masks]} "
-             f"Np={n_partial} {grids}")
+             f"Np={n_partial} {grids} split_keys={split_keys}")
     return draw(packed_qkv_case(label, masks, run, draw(_scales())))
 
 

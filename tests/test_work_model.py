@@ -137,20 +137,23 @@ class _Tagged:
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
-            self.current[0] = self.name
-            self.counts[self.name] += 0
+            name = "dq_delta" if kwargs.get("DELTA_ONLY") else self.name
+            self.current[0] = name
+            self.counts[name] += 0
             launch(*args, **kwargs)
             self.current[0] = "?"
         return run
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("op", ["pg2d", "pg1d", "band", "band_per_seq"])
-def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
+@pytest.mark.parametrize("op,split_keys", [("pg2d", None), ("pg1d", None), ("band", None),
+                                           ("band_per_seq", None), ("pg2d", 64), ("pg1d", 64)])
+def test_varlen_issued_flops_equal_executed_dots(op, split_keys, dtype, monkeypatch):
     """work_model_varlen.py's FLOPs per launch of a packed batch (sequences of mixed lengths and
     grids, Np = 0 and Ng = 0 included, keys spanning several tiles; band: a shared window or
     one per sequence from the plan) equal the dots the varlen kernels run under the
-    interpreter."""
+    interpreter; with ``split_keys`` the global tiles of the long sequences are split over keys
+    (the 16-bit delta-only launch counted as ``dq_delta``)."""
     from pargo_kernels.ops import varlen_triton
     from pargo_kernels.varlen_plan import plan_band, plan_partial_global
     import work_model_varlen
@@ -172,7 +175,7 @@ def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
     cu_k = [0, *torch.tensor(nv).cumsum(0).tolist()] if op[:4] != "band" else cu_q
     vplan = (plan_band(cu_q) if op == "band" else
              plan_band(cu_q, windows=[(5, 3), (0, 9), (40, 1)]) if op == "band_per_seq" else
-             plan_partial_global(cu_q, cu_k, npart, **kw))
+             plan_partial_global(cu_q, cu_k, npart, split_keys=split_keys, **kw))
     win = window if op == "band" else (0, 0)
     q = torch.randn(cu_q[-1], H, D).to(dtype)
     k = torch.randn(cu_k[-1], H, D).to(dtype)
@@ -185,6 +188,7 @@ def test_varlen_issued_flops_equal_executed_dots(op, dtype, monkeypatch):
         expected.update(work_model_varlen.issued_flops(vplan, which, H, D, Dv, dtype, win))
     assert dict(counts) == expected
     assert counts["?"] == 0 and all(x > 0 for x in expected.values())
+    assert ("dq_delta" in expected) == (split_keys is not None and dtype != torch.float32)
 
 
 def test_varlen_rows_tiny(monkeypatch):

@@ -8,6 +8,13 @@ cumulative number of query / key tiles of every planned tile size. Launch grids 
 tile counts, so tiles are scheduled over the concatenation (no program idles because another
 sequence is longer) and a program reads only its own sequence's rows.
 
+A global query tile of a sequence the plan splits (``varlen_plan.SPLIT_KEYS``) is ``nsplit``
+consecutive programs, each over one key chunk, writing fp32 partials (output and LSE; dQ:
+partial dQ, after a delta-only launch over the split programs for 16-bit inputs) to workspaces
+``[H, S, G, ...]`` over the global rows of split sequences; the launchers merge them with the
+fixed-shape ``_merge_splits`` / a sum in slot order (deterministic, no atomics) and copy the
+merged rows into the packed outputs.
+
 Inside a sequence everything is the fixed-shape algorithm of :mod:`attention_triton`, whose
 device helpers (``_query_tile``, ``_row_windows``, ``_allowed``, ``_dq_tile``, ``_dkdv_rows``,
 ``_dot``) run here on the sequence's local row indices and base pointers; the band window is a
@@ -27,7 +34,7 @@ from ..masks import KIND_BAND, KIND_PG1D, KIND_PG2D
 from . import attention_plan as _aplan
 from .attention_plan import block_dims, delta_block_m, tile_config
 from .attention_triton import (LOG2E, _TL_DTYPE, _attn_bwd_delta_kernel, _delta_pass, _dkdv_rows,
-                               _dq_pass, _fwd_pass, _precision, _row_windows)
+                               _dq_pass, _fwd_pass, _merge_splits, _precision, _row_windows)
 from .varlen_pool_triton import _find_seq
 
 A_Q_START = tl.constexpr(_plan.A_Q_START)
@@ -35,9 +42,12 @@ A_K_START = tl.constexpr(_plan.A_K_START)
 A_NQ = tl.constexpr(_plan.A_NQ)
 A_NV = tl.constexpr(_plan.A_NV)
 A_P0 = tl.constexpr(_plan.A_P0)
+A_NSPLIT = tl.constexpr(_plan.A_NSPLIT)
+A_CHUNK = tl.constexpr(_plan.A_CHUNK)
+A_GSTART = tl.constexpr(_plan.A_GSTART)
 A_FIELDS = tl.constexpr(_plan.A_FIELDS)
 
-_NO_SPEC = ["total_q", "n_seq", "STEPS", "LEFT", "RIGHT"]
+_NO_SPEC = ["total_q", "n_seq", "STEPS", "LEFT", "RIGHT", "NSPLIT", "GROWS"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,49 +77,76 @@ def _sequence(META, TILE_COL: tl.constexpr, n_seq, STEPS, LEFT, RIGHT,
         p3 = tl.load(row + A_P0 + 3)
         p4 = tl.load(row + A_P0 + 4)
     return (t - tl.load(row + TILE_COL), tl.load(row + A_Q_START).to(tl.int64),
-            tl.load(row + A_K_START).to(tl.int64), nq, nv, p0, p1, p2, p3, p4)
+            tl.load(row + A_K_START).to(tl.int64), nq, nv, p0, p1, p2, p3, p4, row)
 
 
 @triton.jit
-def _query_tile(local, nq, P0, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
-    """Query tile ``local`` of a sequence: (first row, end of its row segment, is it a global
-    tile). Partial-global masks put partial tiles first (rows ``[0, Np)``), then global tiles
-    (rows ``[Np, Nq)``), so no tile mixes the two kinds; a band has one segment."""
+def _query_tile(local, nq, nv, P0, row, SPLITS_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
+                KIND: tl.constexpr):
+    """Query program ``local`` of a sequence: (first row, end of its row segment, is it a
+    global tile, key-split slot (-1: none), the split's key range ``[k_lo, k_hi)``).
+    Partial-global masks put partial tiles first (rows ``[0, Np)``), then global tiles (rows
+    ``[Np, Nq)``), each as ``nsplit`` consecutive programs, one per key chunk (the plan's rule,
+    ``varlen_plan.SPLIT_KEYS``); ``SPLITS_ONLY``: ``local`` counts the split programs only.
+    A band has one segment and no split."""
     if KIND == 2:
         n_seg = nq
+        nsplit = 1
+        chunk = nv
     else:
         n_seg = P0
+        nsplit = tl.load(row + A_NSPLIT)
+        chunk = tl.load(row + A_CHUNK)
     n_ptiles = tl.cdiv(n_seg, BLOCK_M)
+    if SPLITS_ONLY:
+        local = local + n_ptiles
     is_global = local >= n_ptiles
-    g = is_global.to(tl.int32)
-    m0 = local * BLOCK_M + g * (n_seg - n_ptiles * BLOCK_M)
-    row_end = n_seg + g * (nq - n_seg)
-    return m0, row_end, is_global
+    g = tl.maximum(local - n_ptiles, 0)
+    tile = tl.where(is_global, n_ptiles + g // nsplit, local)
+    slot = tl.where(is_global & (nsplit > 1), g % nsplit, -1)
+    m0 = tile * BLOCK_M + is_global.to(tl.int32) * (n_seg - n_ptiles * BLOCK_M)
+    row_end = tl.where(is_global, nq, n_seg)
+    k_lo = tl.maximum(slot, 0) * chunk
+    k_hi = tl.where(slot >= 0, tl.minimum(k_lo + chunk, nv), nv)
+    return m0, row_end, is_global, slot, k_lo, k_hi
 
 
 @triton.jit
 def _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq,
-                          STEPS, LEFT, RIGHT, D: tl.constexpr,
-                          TILE_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                          KIND: tl.constexpr):
+                          STEPS, LEFT, RIGHT, NSPLIT, GROWS, D: tl.constexpr,
+                          TILE_COL: tl.constexpr, SPLITS_ONLY: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr):
     """Prologue of a query-tile program (forward, dQ): the sequence's query offset and head
     (int64), rows (local int32 indices: the window arithmetic stays 32-bit, pointer offsets
-    are int64, see ``_offsets``), their windows, the key range ``[n_lo, n_hi)`` the tile visits,
-    the Q tile and the sequence's K / V base pointers."""
-    local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4 = _sequence(
+    are int64, see ``_offsets``), their windows, the key range ``[n_lo, n_hi)`` the tile visits
+    (a key split's chunk of it), the Q tile, the sequence's K / V base pointers, the split slot
+    (-1: none) and the sequence's plan row."""
+    local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4, row = _sequence(
         META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, KIND)
     h = tl.program_id(1).to(tl.int64)
-    m0, row_end, is_global = _query_tile(local, nq, p0, BLOCK_M, KIND)
+    m0, row_end, is_global, slot, k_lo, k_hi = _query_tile(local, nq, nv, p0, row, SPLITS_ONLY,
+                                                           BLOCK_M, KIND)
     rows = m0 + tl.arange(0, BLOCK_M)
     valid = rows < row_end
     lo, hi, x0, x1 = _row_windows(rows, valid, is_global, nv, p0, p1, p2, p3, p4, KIND)
+    # a key split's rows see its chunk only (the loop's last tile may reach past the chunk)
+    lo = tl.maximum(lo, k_lo)
+    hi = tl.minimum(hi, k_hi)
     n_lo = tl.min(tl.where(valid, lo, nv), 0)
     n_hi = tl.max(hi, 0)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + _offsets(q_start, rows, sqn, h, sqh) + d[None, :] * sqd,
                 mask=valid[:, None] & (d[None, :] < D), other=0.0)
     return (q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q,
-            K + k_start * skn + h * skh, V + k_start * svn + h * svh)
+            K + k_start * skn + h * skh, V + k_start * svn + h * svh, slot, row)
+
+
+@triton.jit
+def _split_rows(row, h, slot, rows, NSPLIT, GROWS):
+    """int64 index of a key split's rows into a split workspace ``[H, NSPLIT, GROWS, ...]``
+    (the global rows of split sequences; computed at store time, not held across the loop)."""
+    return ((h * NSPLIT + slot) * GROWS + tl.load(row + A_GSTART)
+            + (rows - tl.load(row + A_P0)).to(tl.int64))
 
 
 @triton.jit
@@ -143,25 +180,32 @@ def _key_tile_queries(n0, n_last, nq, nv, p0, p1, p2, p3, p4, KIND: tl.constexpr
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _varlen_fwd_kernel(
-    Q, K, V, O, LSE, META,
+    Q, K, V, O, LSE, OWS, LWS, META,
     sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, son, soh, sod,
-    total_q, n_seq, STEPS, LEFT, RIGHT, qk_scale,
+    total_q, n_seq, STEPS, LEFT, RIGHT, NSPLIT, GROWS, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, TILE_COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base = \
+    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base, slot, row = \
         _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq, STEPS,
-                              LEFT, RIGHT, D, TILE_COL, BLOCK_M, BLOCK_D, KIND)
+                              LEFT, RIGHT, NSPLIT, GROWS, D, TILE_COL, False, BLOCK_M, BLOCK_D,
+                              KIND)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     o, m_i, l_safe = _fwd_pass(q, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi,
                                x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_DV, KIND,
                                PRECISION)
-    tl.store(O + _offsets(q_start, rows, son, h, soh) + dv[None, :] * sod,
-             o.to(O.dtype.element_ty),
-             mask=valid[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + h * total_q + q_start + rows, m_i + tl.log2(l_safe), mask=valid)
+    if slot >= 0:  # one key split of a global tile: fp32 partials, merged on the host
+        ws = _split_rows(row, h, slot, rows, NSPLIT, GROWS)
+        tl.store(OWS + ws[:, None] * DV + dv[None, :], o,
+                 mask=valid[:, None] & (dv[None, :] < DV))
+        tl.store(LWS + ws, m_i + tl.log2(l_safe), mask=valid)
+    else:
+        tl.store(O + _offsets(q_start, rows, son, h, soh) + dv[None, :] * sod,
+                 o.to(O.dtype.element_ty),
+                 mask=valid[:, None] & (dv[None, :] < DV))
+        tl.store(LSE + h * total_q + q_start + rows, m_i + tl.log2(l_safe), mask=valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,16 +213,18 @@ def _varlen_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _varlen_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, META,
+    Q, K, V, DO, LSE, DELTA, DQ, DQWS, DWS, META,
     sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sdon, sdoh, sdod, sdqn, sdqh, sdqd,
-    total_q, n_seq, STEPS, LEFT, RIGHT, qk_scale, sm_scale,
+    total_q, n_seq, STEPS, LEFT, RIGHT, NSPLIT, GROWS, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, TILE_COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, DELTA_PASS: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
 ):
-    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base = \
+    q_start, h, rows, valid, lo, hi, x0, x1, n_lo, n_hi, p2, q, k_base, v_base, slot, row = \
         _varlen_query_program(Q, K, V, META, sqn, sqh, sqd, skn, skh, svn, svh, n_seq, STEPS,
-                              LEFT, RIGHT, D, TILE_COL, BLOCK_M, BLOCK_D, KIND)
+                              LEFT, RIGHT, NSPLIT, GROWS, D, TILE_COL, DELTA_ONLY, BLOCK_M,
+                              BLOCK_D, KIND)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     do = tl.load(DO + _offsets(q_start, rows, sdon, h, sdoh) + dv[None, :] * sdod,
@@ -187,17 +233,32 @@ def _varlen_bwd_dq_kernel(
     lse = tl.load(LSE + stat + rows, mask=valid, other=0.0)
 
     # Pass 1 (16-bit inputs): delta = rowsum(P * dP) from the fp32 P and dP, as in the
-    # fixed-shape dQ kernel (see there why not rowsum(dO * O) of the rounded O).
-    if DELTA_PASS:
+    # fixed-shape dQ kernel (see there why not rowsum(dO * O) of the rounded O). A key split of
+    # a global tile (slot >= 0) reads its rows' delta, reduced beforehand from the per-split
+    # partial sums of the DELTA_ONLY launch (over the split programs only), and writes an fp32
+    # partial dQ, summed afterwards in slot order.
+    if DELTA_ONLY:
         delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd,
                             lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, KIND, PRECISION)
-        tl.store(DELTA + stat + rows, delta, mask=valid)
+        tl.store(DWS + _split_rows(row, h, slot, rows, NSPLIT, GROWS), delta, mask=valid)
     else:
-        delta = tl.load(DELTA + stat + rows, mask=valid, other=0.0)
-    dq = _dq_pass(q, do, lse, delta, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd, lo, hi,
-                  x0, x1, p2, qk_scale, sm_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_D, KIND, PRECISION)
-    tl.store(DQ + _offsets(q_start, rows, sdqn, h, sdqh) + d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
+        if (slot < 0) & DELTA_PASS:
+            delta = _delta_pass(q, do, lse, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn,
+                                svd, lo, hi, x0, x1, p2, qk_scale, D, DV, BLOCK_M, BLOCK_N, KIND,
+                                PRECISION)
+            tl.store(DELTA + stat + rows, delta, mask=valid)
+        else:
+            delta = tl.load(DELTA + stat + rows, mask=valid, other=0.0)
+        dq = _dq_pass(q, do, lse, delta, k_base, v_base, n_lo, n_hi, d, dv, skn, skd, svn, svd,
+                      lo, hi, x0, x1, p2, qk_scale, sm_scale, D, DV, BLOCK_M, BLOCK_N, BLOCK_D,
+                      KIND, PRECISION)
+        if slot >= 0:
+            ws = _split_rows(row, h, slot, rows, NSPLIT, GROWS)
+            tl.store(DQWS + ws[:, None] * D + d[None, :], dq,
+                     mask=valid[:, None] & (d[None, :] < D))
+        else:
+            tl.store(DQ + _offsets(q_start, rows, sdqn, h, sdqh) + d[None, :] * sdqd,
+                     dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -205,12 +266,12 @@ def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_, META,
     sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sdon, sdoh, sdod,
     sdkn, sdkh, sdkd, sdvn, sdvh, sdvd,
-    total_q, n_seq, STEPS, LEFT, RIGHT, qk_scale, sm_scale,
+    total_q, n_seq, STEPS, LEFT, RIGHT, NSPLIT, GROWS, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, KIND: tl.constexpr, TILE_COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4 = _sequence(
+    local, q_start, k_start, nq, nv, p0, p1, p2, p3, p4, _ = _sequence(
         META, TILE_COL, n_seq, STEPS, LEFT, RIGHT, KIND)
     h = tl.program_id(1).to(tl.int64)
     n0 = local * BLOCK_N
@@ -271,9 +332,11 @@ _SM80 = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1)
          ("dkdv", "fp32", 128): (16, 16, 8, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
          ("fwd", "fp32", 256): (16, 16, 8, 1)}
 _SM90 = {("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 128): (16, 16, 4, 1),
-         ("dq", "fp32", 256): (16, 16, 8, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
-         ("fwd", "fp32", 32): (32, 16, 4, 1)}
-_ARCH_OVERRIDES = {75: _SM80, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
+         ("dq", "fp32", 256): (16, 16, 4, 1), ("dkdv", "fp32", 256): (16, 16, 8, 1),
+         ("fwd", "fp32", 16): (32, 16, 4, 1), ("fwd", "fp32", 32): (32, 16, 4, 1),
+         ("fwd", "fp32", 256): (16, 16, 4, 1)}
+_SM75 = {**_SM80, ("fwd", "fp32", 64): (32, 16, 4, 1)}  # 32x32: 24 B spilled (2-D windows)
+_ARCH_OVERRIDES = {75: _SM75, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
 
 
 def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype,
@@ -306,7 +369,34 @@ def _scalars(plan, kind: int, window) -> dict:
     left, right = window
     max_n = int(plan.extra[0])  # clip on the host to stay inside int32 (the kernel re-clips)
     return dict(n_seq=plan.n_seq, STEPS=plan.search_steps(), LEFT=min(int(left), max_n),
-                RIGHT=min(int(right), max_n), KIND=kind)
+                RIGHT=min(int(right), max_n), NSPLIT=plan.n_split, GROWS=plan.split_rows,
+                KIND=kind)
+
+
+def _workspace(plan, H: int, width: int, device):
+    """fp32 ``[H, S, G, width]`` and ``[H, S, G]`` for the key splits of the global rows of
+    split sequences (``varlen_plan.SPLIT_KEYS``); 1-element placeholders without splits."""
+    if plan.n_split == 1:
+        return _empty((1,), torch.float32, device), _empty((1,), torch.float32, device)
+    shape = (H, plan.n_split, plan.split_rows)
+    return (_empty((*shape, width), torch.float32, device),
+            _empty(shape, torch.float32, device))
+
+
+def split_row_index(plan) -> torch.Tensor:
+    """Packed row of every global row of a split sequence, in workspace order (``[G]`` int64,
+    on the plan's device), computed there from the metadata: no host-device synchronisation
+    (``output_size`` is the host-side ``G``)."""
+    meta = plan.meta[:-1].to(torch.int64)
+    ng = torch.where(meta[:, _plan.A_NSPLIT] > 1, meta[:, _plan.A_NQ] - meta[:, _plan.A_P0], 0)
+    base = meta[:, _plan.A_Q_START] + meta[:, _plan.A_P0] - meta[:, _plan.A_GSTART]
+    g = plan.split_rows
+    return (torch.repeat_interleave(base, ng, output_size=g)
+            + torch.arange(g, dtype=torch.int64, device=meta.device))
+
+
+def _col(column: int, block: int) -> int:
+    return column + _plan.TILE_SIZES.index(block)
 
 
 def varlen_forward(q, k, v, plan, kind: int, window, scale: float):
@@ -320,12 +410,20 @@ def varlen_forward(q, k, v, plan, kind: int, window, scale: float):
         return out, lse
     block_d, block_dv = block_dims(D, DV)
     cfg = varlen_tile_config("fwd", max(block_d, block_dv), q.dtype, _arch(q))
+    ows, lws = _workspace(plan, H, DV, q.device)
     _varlen_fwd_kernel[(plan.tiles(_plan.A_QTILES, cfg["BLOCK_M"]), H)](
-        q, k, v, out, lse, plan.meta, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        total_q, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        TILE_COL=_plan.A_QTILES + _plan.TILE_SIZES.index(cfg["BLOCK_M"]),
+        q, k, v, out, lse, ows, lws, plan.meta, *q.stride(), *k.stride(), *v.stride(),
+        *out.stride(), total_q, qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_D=block_d,
+        BLOCK_DV=block_dv, TILE_COL=_col(_plan.A_QTILES, cfg["BLOCK_M"]),
         PRECISION=_precision(q.dtype, q.device.type == "cpu"), **_scalars(plan, kind, window),
         **cfg)
+    if plan.n_split > 1:  # merge the key splits with their log-sum-exps (fixed order)
+        merged = _empty((H, plan.split_rows, DV), torch.float32, q.device)
+        merged_lse = _empty((H, plan.split_rows), torch.float32, q.device)
+        _merge_splits(ows, lws, merged, merged_lse)
+        idx = split_row_index(plan)
+        out.index_copy_(0, idx, merged.transpose(0, 1).to(out.dtype))
+        lse.index_copy_(1, idx, merged_lse)
     return out, lse
 
 
@@ -354,15 +452,26 @@ def varlen_backward(do, q, k, v, out, lse, plan, kind: int, window, scale: float
                   BLOCK_DV=block_dv, PRECISION=_precision(q.dtype, q.device.type == "cpu"),
                   **_scalars(plan, kind, window))
     cfg = varlen_tile_config("dq", max(block_d, block_dv), q.dtype, _arch(q))
+    dqws, dws = _workspace(plan, H, D, q.device)
+    split = plan.n_split > 1
+    idx = split_row_index(plan) if split else None
+    dq_args = (q, k, v, do, lse, delta, dq, dqws, dws, plan.meta, *q.stride(), *k.stride(),
+               *v.stride(), *do.stride(), *dq.stride(), total_q)
+    if split and delta_pass:  # the split rows' delta: per-split partial sums, then their sum
+        _varlen_bwd_dq_kernel[(plan.tiles(_plan.A_STILES, cfg["BLOCK_M"]), H)](
+            *dq_args, DELTA_PASS=True, DELTA_ONLY=True,
+            TILE_COL=_col(_plan.A_STILES, cfg["BLOCK_M"]), **common, **cfg)
+        delta.index_copy_(1, idx, dws.sum(1))
     _varlen_bwd_dq_kernel[(plan.tiles(_plan.A_QTILES, cfg["BLOCK_M"]), H)](
-        q, k, v, do, lse, delta, dq, plan.meta, *q.stride(), *k.stride(), *v.stride(),
-        *do.stride(), *dq.stride(), total_q, DELTA_PASS=delta_pass,
-        TILE_COL=_plan.A_QTILES + _plan.TILE_SIZES.index(cfg["BLOCK_M"]), **common, **cfg)
+        *dq_args, DELTA_PASS=delta_pass, DELTA_ONLY=False,
+        TILE_COL=_col(_plan.A_QTILES, cfg["BLOCK_M"]), **common, **cfg)
+    if split:  # the split rows' dQ: the sum of the partial dQs in slot order
+        dq.index_copy_(0, idx, dqws.sum(1).transpose(0, 1).to(dq.dtype))
     cfg = varlen_tile_config("dkdv", max(block_d, block_dv), q.dtype, _arch(q))
     _varlen_bwd_dkdv_kernel[(plan.tiles(_plan.A_KTILES, cfg["BLOCK_N"]), H)](
         q, k, v, do, lse, delta, dk, dv, plan.meta, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), total_q,
-        TILE_COL=_plan.A_KTILES + _plan.TILE_SIZES.index(cfg["BLOCK_N"]), **common, **cfg)
+        TILE_COL=_col(_plan.A_KTILES, cfg["BLOCK_N"]), **common, **cfg)
     return dq, dk, dv
 
 
@@ -380,7 +489,7 @@ def aot_specs(arch: int = _aplan.DEFAULT_ARCH):
         if _aplan.arch_refusal(divmod(arch, 10), dtype):
             continue
         ptrs = dict(Q=ty, K=ty, V=ty, O=ty, DO=ty, DQ=ty, DK=ty, DV_=ty, LSE="fp32",
-                    DELTA="fp32", META="i32")
+                    DELTA="fp32", OWS="fp32", LWS="fp32", DQWS="fp32", DWS="fp32", META="i32")
         for block_d in (16, 32, 64, 128, 256):
             if _aplan.arch_refusal(divmod(arch, 10), dtype, block_d):
                 continue
@@ -396,6 +505,7 @@ def aot_specs(arch: int = _aplan.DEFAULT_ARCH):
                                       TILE_COL=col + _plan.TILE_SIZES.index(block), **cfg)
                     if which == "dq":
                         constexprs["DELTA_PASS"] = dtype != torch.float32
+                        constexprs["DELTA_ONLY"] = False
                     yield (kernel, ptrs, constexprs, options,
                            f"varlen-{kname} {ty} d={block_d} M={cfg['BLOCK_M']} "
                            f"N={cfg['BLOCK_N']} w={options['num_warps']} "
