@@ -661,18 +661,6 @@ def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
     assert_transforms_refused(calls)
 
 
-def test_varlen_refuses_the_archs_whose_configs_spill():
-    """sm_86 / sm_89 spill with the sm_80 tile table (AOT): refused with the reason, and the AOT
-    specs list nothing there; the archs the AOT run found clean are served."""
-    for cap in ((8, 6), (8, 9)):
-        why = varlen_plan.varlen_arch_refusal(cap)
-        assert f"sm_{cap[0]}{cap[1]}" in why and "backend='reference'" in why
-        assert not list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))
-    for cap in ((7, 5), (8, 0), (9, 0)):
-        assert varlen_plan.varlen_arch_refusal(cap) == ""
-        assert list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))
-
-
 _POOL_KERNELS = ("_pool_varlen_fwd_kernel", "_pool_varlen_bwd_kernel",
                  "_pool_proj_varlen_fwd_kernel", "_pool_proj_dw_kernel", "_pool_proj_dp_kernel")
 
@@ -726,3 +714,67 @@ def test_pool_launchers_choose_only_aot_configs(monkeypatch):
                 assert len(launched) == (12 if fused else 2), launched  # 2 + 2 x (1 + 4)
                 missing = set(launched) - specs
                 assert not missing, f"sm_{arch} {dtype} C={c}: not in aot_specs: {missing}"
+
+
+
+_ATTN_KERNELS = ("_varlen_fwd_kernel", "_varlen_bwd_dq_kernel", "_varlen_bwd_dkdv_kernel")
+
+
+def test_attention_launchers_choose_only_aot_configs(monkeypatch):
+    """What the varlen attention launchers launch on a GPU of each architecture (each mask kind,
+    dtype and head-dim bucket the dispatcher serves there; sm_86 / sm_89 included, with their own
+    tiles) is a configuration `aot_specs(arch)` lists and vice versa, so the AOT run (0 spills)
+    compiles exactly what runs. Kernels are replaced by recorders: nothing executes."""
+    from pargo_kernels import aot
+    from pargo_kernels.ops import attention_plan, attention_triton
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if not hasattr(self.kernel, "fn"):
+                    return  # the fixed-shape delta kernel: attention_triton's specs
+                params = inspect.signature(self.kernel.fn).parameters.values()
+                cx = {p.name for p in params if "constexpr" in str(p.annotation)}
+                launched.append(_launch_key(
+                    self.kernel, varlen_triton._TL_DTYPE[args[0].dtype],
+                    {k: v for k, v in kwargs.items() if k in cx},
+                    {k: kwargs[k] for k in ("num_warps", "num_stages")}))
+            return launch
+
+    for name in _ATTN_KERNELS:
+        monkeypatch.setattr(varlen_triton, name, Recorder(getattr(varlen_triton, name)))
+    monkeypatch.setattr(varlen_triton, "_attn_bwd_delta_kernel", Recorder(None))
+    # the GPU's precision (the interpreter's bf16 one is a CPU-only stand-in)
+    monkeypatch.setattr(varlen_triton, "_precision",
+                        lambda dtype, interpret=False: attention_triton._precision(dtype))
+    cu = [0, 6, 15]
+    plans = [(pk.plan_partial_global(cu, cu, 2), (0, 0)),
+             (pk.plan_partial_global(cu, cu, [2, 4], visual_grids=[(2, 3), (3, 3)],
+                                     partial_grids=[(1, 2), (2, 2)]), (0, 0)),
+             (pk.plan_band(cu), (1, 2))]
+    for arch in aot.ARCHS:
+        monkeypatch.setattr(varlen_triton, "_arch", lambda t, arch=arch: arch)
+        specs = {_launch_key(k.kernel, ptrs["Q"], cx, opts)  # k: its Recorder
+                 for k, ptrs, cx, opts, _ in varlen_triton.aot_specs(arch)}
+        served, seen = 0, set()
+        for dtype in DTYPES:
+            for d in (16, 32, 64, 128, 256):
+                if attention_plan.arch_refusal(divmod(arch, 10), dtype, d):
+                    continue
+                served += 1
+                for plan, window in plans:
+                    launched.clear()
+                    q, k, v, do = (torch.randn(15, 2, d).to(dtype) for _ in range(4))
+                    out, lse = varlen_triton.varlen_forward(q, k, v, plan, plan.kind, window, 0.5)
+                    varlen_triton.varlen_backward(do, q, k, v, out, lse, plan, plan.kind, window,
+                                                  0.5)
+                    assert [key[0] for key in launched] == list(_ATTN_KERNELS), launched
+                    missing = set(launched) - specs
+                    assert not missing, f"sm_{arch} {dtype} d={d}: not in aot_specs: {missing}"
+                    seen |= set(launched)
+        assert served == (4 if arch == 75 else 15), arch  # sm_75: fp32 up to d=128
+        assert seen == specs, f"sm_{arch}: aot_specs lists configs no launch uses"
