@@ -382,4 +382,3 @@ def plan_pool(cu_seqlens, in_grids, out_grids, *, device="cpu") -> VarlenPlan:
 
 
 __all__ = ["VarlenPlan", "plan_partial_global", "plan_band", "plan_pool", "TILE_SIZES"]
-

@@ -325,7 +325,8 @@ def check_lengths(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
 # Per-arch varlen tiles where the fixed-shape table (attention_plan.tile_config, itself per
 # arch) spills in the varlen kernels, whose per-sequence scalars (offsets, lengths, mask
 # parameters) hold extra registers; found by `python -m pargo_kernels.aot --arch 75 80 86 89 90
-# --filter _varlen_fwd _varlen_bwd`. (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# --filter _varlen_fwd _varlen_bwd`.
+# (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _SM80 = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1),
          ("dq", "fp32", 128): (16, 16, 4, 1), ("dq", "fp32", 256): (16, 16, 8, 1),
          ("dkdv", "16bit", 32): (32, 32, 4, 1), ("dkdv", "16bit", 64): (32, 32, 4, 2),
