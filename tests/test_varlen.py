@@ -104,16 +104,16 @@ def _batch(make, specials, n_min=1):
 # attention
 # --------------------------------------------------------------------------------------------
 def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None,
-                    per_seq_windows=None):
+                    per_seq_windows=None, dims=(D, DV)):
     """``window``: the band op's argument; ``per_seq_windows``: the pairs it stands for, one per
-    sequence (None: ``window`` is one pair for all)."""
+    sequence (None: ``window`` is one pair for all); ``dims``: the head dims of q/k and v."""
     nq = [s[0] for s in seqs]
     nv = [s[1] for s in seqs]
-    q = _packed(sum(nq), H, D, dtype, device, strided)
-    k = _packed(sum(nv), H, D, dtype, device, strided)
-    v = _packed(sum(nv), H, DV, dtype, device, strided)
+    q = _packed(sum(nq), H, dims[0], dtype, device, strided)
+    k = _packed(sum(nv), H, dims[0], dtype, device, strided)
+    v = _packed(sum(nv), H, dims[1], dtype, device, strided)
     cu_q, cu_k = _offsets(nq), _offsets(nv)
-    grad = torch.randn(sum(nq), H, DV, device=device)
+    grad = torch.randn(sum(nq), H, dims[1], device=device)
 
     if mode == "band":
         def packed(q_, k_, v_):
@@ -167,6 +167,42 @@ def test_band_varlen(dtype, device):
     window = (random.randint(0, 12), random.randint(0, 5))
     _attention_case(seqs, "band", dtype, device, strided=dtype == torch.bfloat16, window=window,
                     scale=0.3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.parametrize("mode,dtype,dims", [
+    ("pg2d", torch.float32, (16, 24)),   # fp32 forward and dK/dV d=32: 16x32 tiles
+    ("pg1d", torch.bfloat16, (64, 64)),  # 16-bit forward 64x32, dQ 32x64, dK/dV 32x32
+    ("band", torch.float16, (16, 16)),   # 16-bit forward d=16: 64x32
+    ("band", torch.float32, (128, 96)),  # fp32 dQ d=128: 32x16
+], ids=["pg2d-fp32-d32", "pg1d-bf16-d64", "band-fp16-d16", "band-fp32-d128"])
+def test_sm86_tiles_match_the_oracle(mode, dtype, dims, monkeypatch):
+    """The launchers with sm_86's own tile table (what an RTX 30xx / A10 runs; the other tests
+    run DEFAULT_ARCH's) against the per-sequence float64 oracle, under the interpreter: the tile
+    shapes are right (warps and stages only matter on a GPU; the AOT test covers those)."""
+    monkeypatch.setattr(varlen_triton, "_arch", lambda t: 86)
+    used = []
+    config = varlen_triton.varlen_tile_config
+    monkeypatch.setattr(varlen_triton, "varlen_tile_config",
+                        lambda *a: used.append(a) or config(*a))
+    # plus one sequence longer than two of the largest tiles (64): several row and key tiles
+    if mode == "pg1d":
+        np_ = random.randint(130, 160)
+        seqs = _batch(_pg1d_seq, ("np0", "nondiv")) + [
+            (np_ + random.randint(1, 5), np_ + random.randint(0, 40), np_)]
+    elif mode == "pg2d":
+        hp, wp = random.randint(9, 11), random.randint(12, 13)
+        seqs = _batch(_pg2d_seq, ("1x1",)) + [
+            (hp * wp + random.randint(1, 4), 11 * 13, hp * wp, (11, 13), (hp, wp))]
+    else:
+        seqs = [(n, n) for n in _batch(lambda s: random.randint(1, 70), ())]
+        seqs.append((random.randint(130, 160),) * 2)
+    random.shuffle(seqs)
+    window = (random.randint(0, 12), random.randint(0, 5)) if mode == "band" else None
+    _attention_case(seqs, mode, dtype, "cpu", strided=False, window=window, dims=dims)
+    assert len(used) == 3 and {a[-1] for a in used} == {86}, used
+    tile = lambda *a: (config(*a)["BLOCK_M"], config(*a)["BLOCK_N"])  # noqa: E731
+    assert [a for a in used if tile(*a) != tile(*a[:-1], 90)], used  # not DEFAULT_ARCH's tiles
 
 
 def _per_seq_window(n):
