@@ -705,6 +705,27 @@ def _launch_key(kernel, ty: str, constexprs: dict, options: dict):
     return kernel.fn.__name__, ty, frozenset(constexprs.items()), frozenset(options.items())
 
 
+class _Recorder:
+    """Stand-in for a Triton kernel: each launch appends its key (name, dtype of the first
+    argument, constexprs, num_warps / num_stages) to ``launched``; ``kernel=None`` records
+    nothing. Nothing executes."""
+
+    def __init__(self, kernel, launched: list):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.kernel is None:
+                return
+            params = inspect.signature(self.kernel.fn).parameters.values()
+            cx = {p.name for p in params if "constexpr" in str(p.annotation)}
+            self.launched.append(_launch_key(
+                self.kernel, pool_triton._TL_DTYPE[args[0].dtype],
+                {k: v for k, v in kwargs.items() if k in cx},
+                {k: kwargs[k] for k in ("num_warps", "num_stages")}))
+        return launch
+
+
 def test_pool_launchers_choose_only_aot_configs(monkeypatch):
     """What the varlen pooling launchers launch on a GPU of each architecture (every channel
     tile bucket, each dtype; fused forward and backward from FUSED_MIN_ARCH on) is a
@@ -712,23 +733,9 @@ def test_pool_launchers_choose_only_aot_configs(monkeypatch):
     AOT run compiles exactly what runs. Kernels are replaced by recorders: nothing executes."""
     from pargo_kernels import aot
     launched = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                params = inspect.signature(self.kernel.fn).parameters.values()
-                cx = {p.name for p in params if "constexpr" in str(p.annotation)}
-                launched.append(_launch_key(
-                    self.kernel, pool_triton._TL_DTYPE[args[0].dtype],
-                    {k: v for k, v in kwargs.items() if k in cx},
-                    {k: kwargs[k] for k in ("num_warps", "num_stages")}))
-            return launch
-
     for name in _POOL_KERNELS:
-        monkeypatch.setattr(varlen_pool_triton, name, Recorder(getattr(varlen_pool_triton, name)))
+        monkeypatch.setattr(varlen_pool_triton, name,
+                            _Recorder(getattr(varlen_pool_triton, name), launched))
     monkeypatch.setattr(varlen_pool_triton, "_interp", lambda t: False)
     plan = pk.plan_pool([0, 6, 15], [(2, 3), (3, 3)], (2, 2))
     for arch in aot.ARCHS:
@@ -764,26 +771,10 @@ def test_attention_launchers_choose_only_aot_configs(monkeypatch):
     from pargo_kernels import aot
     from pargo_kernels.ops import attention_plan, attention_triton
     launched = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if not hasattr(self.kernel, "fn"):
-                    return  # the fixed-shape delta kernel: attention_triton's specs
-                params = inspect.signature(self.kernel.fn).parameters.values()
-                cx = {p.name for p in params if "constexpr" in str(p.annotation)}
-                launched.append(_launch_key(
-                    self.kernel, varlen_triton._TL_DTYPE[args[0].dtype],
-                    {k: v for k, v in kwargs.items() if k in cx},
-                    {k: kwargs[k] for k in ("num_warps", "num_stages")}))
-            return launch
-
     for name in _ATTN_KERNELS:
-        monkeypatch.setattr(varlen_triton, name, Recorder(getattr(varlen_triton, name)))
-    monkeypatch.setattr(varlen_triton, "_attn_bwd_delta_kernel", Recorder(None))
+        monkeypatch.setattr(varlen_triton, name, _Recorder(getattr(varlen_triton, name), launched))
+    # the fixed-shape delta kernel (fp32 backward) is attention_triton's: not recorded here
+    monkeypatch.setattr(varlen_triton, "_attn_bwd_delta_kernel", _Recorder(None, launched))
     # the GPU's precision (the interpreter's bf16 one is a CPU-only stand-in)
     monkeypatch.setattr(varlen_triton, "_precision",
                         lambda dtype, interpret=False: attention_triton._precision(dtype))
