@@ -42,8 +42,7 @@ from .pooling import check_projection, pool_project_reference, pool_tokens_refer
 from .reference import masked_attention
 from .varlen_plan import (A_K_START, A_NQ, A_NV, A_P0, A_Q_START, KIND_POOL, P_HIN, P_HOUT,
                           P_IN_START, P_WIN, P_WOUT, VarlenPlan, band_window, check_cu_seqlens,
-                          check_windows, plan_band, plan_partial_global, plan_pool,
-                          varlen_arch_refusal)
+                          check_windows, plan_band, plan_partial_global, plan_pool)
 
 _CUDA_REFUSAL = ("the CUDA extension has no varlen kernels (packed batches run on the Triton "
                  "backend)")
@@ -256,18 +255,10 @@ def _check_packed_qkv(q, k, v) -> None:
         raise ValueError("q, k, v must have at least one channel")
 
 
-def _varlen_arch_reasons(q: Tensor) -> list[str]:
-    if not q.is_cuda:
-        return []
-    why = varlen_arch_refusal(torch.cuda.get_device_capability(q.device))
-    return [why] if why else []
-
-
 def _run_attention(op: str, q, k, v, plan: VarlenPlan, kind: int, window, scale, backend):
     # the fixed-shape op's refusals, on [1, total, H, D] views (head dim last, as there)
     chosen = _choose(op, q, backend,
-                     lambda: _attention_triton_reasons(q[None], k[None], v[None])
-                     + _varlen_arch_reasons(q))
+                     lambda: _attention_triton_reasons(q[None], k[None], v[None]))
     if _eager():
         plan.check_length("q", q.shape[0], A_Q_START, "cu_seqlens_q")
         plan.check_length("k", k.shape[0], A_K_START, "cu_seqlens_k")

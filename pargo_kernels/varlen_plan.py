@@ -382,20 +382,3 @@ def plan_pool(cu_seqlens, in_grids, out_grids, *, device="cpu") -> VarlenPlan:
 
 
 __all__ = ["VarlenPlan", "plan_partial_global", "plan_band", "plan_pool", "TILE_SIZES"]
-
-
-# Architectures whose varlen attention configurations `python -m pargo_kernels.aot --arch 75 86
-# 89 80 90 --filter varlen-` compiles with no register spill. On sm_86 / sm_89 30 of 282 configs
-# (16-bit forward d=16/64 with 2 stages, 16-bit dK/dV d=64, some fp32 dQ / dK/dV) spill 8-28 B
-# with the sm_80 tile table; until they have their own table the varlen Triton ops refuse them.
-VARLEN_AOT_CLEAN_ARCHS = (75, 80, 90)
-
-
-def varlen_arch_refusal(capability) -> str:
-    """Why the varlen Triton attention kernels refuse a GPU of ``capability`` ('' if they don't)."""
-    arch = capability[0] * 10 + capability[1]
-    if arch in (86, 89):
-        return (f"the varlen attention kernels spill registers on sm_{arch} with the sm_80 tile "
-                "table (found by `python -m pargo_kernels.aot --arch 86 89 --filter varlen-`); "
-                "use backend='reference' there until sm_86/89 get their own tiles")
-    return ""

@@ -6,8 +6,8 @@ cores (mma.sync / wgmma), fp32 ones never do (exact fp32, no TF32). Runs
 CI budget (2 cores): the test compiles a representative subset of the attention kernels on all
 five architectures (each mask kind, both dtype classes, the largest head dims, where spills and
 shared memory run out first, and the paper's d=64), the fixed-shape pooling kernels on sm_80 and
-sm_90 (their per-architecture specs are the pooling module's), a few varlen attention and varlen
-pooling configurations (see the subsets); the full matrix is the CLI's:
+sm_90 (their per-architecture specs are the pooling module's), a few varlen attention (sm_80,
+sm_90, sm_86) and varlen pooling configurations (see the subsets); the full matrix is the CLI's:
 `python -m pargo_kernels.aot --arch 75 86 89 80 90`.
 """
 import json
@@ -24,6 +24,12 @@ SUBSET = ["_kernel pg1d bf16 d=64 ", "_kernel pg2d fp16 d=128", "_kernel band bf
 # spilled before their per-arch overrides, both dtype classes
 VARLEN_SUBSET = ["varlen-pg2d fp16 d=32 ", "varlen-pg1d fp32 d=128", "varlen-band fp32 d=256",
                  "varlen-pg2d bf16 d=64 "]
+# varlen attention on sm_86 (sm_89 has the same table and spilled in the same configs): one
+# launch each of four that spilled 8-28 B with the sm_80 tiles, before sm_86/89 had their own
+VARLEN_SM86_SUBSET = ["_varlen_fwd_kernel varlen-band bf16 d=64 ",
+                      "_varlen_bwd_dkdv_kernel varlen-pg1d fp16 d=64 ",
+                      "_varlen_bwd_dq_kernel varlen-band fp32 d=128 ",
+                      "_varlen_fwd_kernel varlen-pg2d fp32 d=32 "]
 # fixed-shape pooling: "_kernel pool <dtype>" / "_kernel pool-proj <dtype>" (not "pool-varlen")
 POOL_SUBSET = ["_kernel pool ", "_kernel pool-proj "]
 # varlen pooling on sm_90, where the 16-bit backward gather spilled with 4 warps before its
@@ -69,6 +75,14 @@ def test_varlen_attention_kernels_compile(tmp_path):
     assert {r["kernel"] for r in rows} == {"_varlen_fwd_kernel", "_varlen_bwd_dq_kernel",
                                            "_varlen_bwd_dkdv_kernel"}
     assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), rows
+
+
+def test_varlen_attention_kernels_compile_on_sm86(tmp_path):
+    rows = _aot(tmp_path, [86], VARLEN_SM86_SUBSET)
+    assert len(rows) == len(VARLEN_SM86_SUBSET), rows
+    for r in rows:
+        assert r["ok"] and r["spill_bytes"] == 0 and r["shared_bytes"] <= 99 * 1024, r
+        assert r["tensor_cores"] == ("-" if "fp32" in r["config"] else "mma.sync"), r
 
 
 def test_aot_compiles_every_arch_without_spills(tmp_path):

@@ -104,16 +104,16 @@ def _batch(make, specials, n_min=1):
 # attention
 # --------------------------------------------------------------------------------------------
 def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None,
-                    per_seq_windows=None):
+                    per_seq_windows=None, dims=(D, DV)):
     """``window``: the band op's argument; ``per_seq_windows``: the pairs it stands for, one per
-    sequence (None: ``window`` is one pair for all)."""
+    sequence (None: ``window`` is one pair for all); ``dims``: the head dims of q/k and v."""
     nq = [s[0] for s in seqs]
     nv = [s[1] for s in seqs]
-    q = _packed(sum(nq), H, D, dtype, device, strided)
-    k = _packed(sum(nv), H, D, dtype, device, strided)
-    v = _packed(sum(nv), H, DV, dtype, device, strided)
+    q = _packed(sum(nq), H, dims[0], dtype, device, strided)
+    k = _packed(sum(nv), H, dims[0], dtype, device, strided)
+    v = _packed(sum(nv), H, dims[1], dtype, device, strided)
     cu_q, cu_k = _offsets(nq), _offsets(nv)
-    grad = torch.randn(sum(nq), H, DV, device=device)
+    grad = torch.randn(sum(nq), H, dims[1], device=device)
 
     if mode == "band":
         def packed(q_, k_, v_):
@@ -167,6 +167,42 @@ def test_band_varlen(dtype, device):
     window = (random.randint(0, 12), random.randint(0, 5))
     _attention_case(seqs, "band", dtype, device, strided=dtype == torch.bfloat16, window=window,
                     scale=0.3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.parametrize("mode,dtype,dims", [
+    ("pg2d", torch.float32, (16, 24)),   # fp32 forward and dK/dV d=32: 16x32 tiles
+    ("pg1d", torch.bfloat16, (64, 64)),  # 16-bit forward 64x32, dQ 32x64, dK/dV 32x32
+    ("band", torch.float16, (16, 16)),   # 16-bit forward d=16: 64x32
+    ("band", torch.float32, (128, 96)),  # fp32 dQ d=128: 32x16
+], ids=["pg2d-fp32-d32", "pg1d-bf16-d64", "band-fp16-d16", "band-fp32-d128"])
+def test_sm86_tiles_match_the_oracle(mode, dtype, dims, monkeypatch):
+    """The launchers with sm_86's own tile table (what an RTX 30xx / A10 runs; the other tests
+    run DEFAULT_ARCH's) against the per-sequence float64 oracle, under the interpreter: the tile
+    shapes are right (warps and stages only matter on a GPU; the AOT test covers those)."""
+    monkeypatch.setattr(varlen_triton, "_arch", lambda t: 86)
+    used = []
+    config = varlen_triton.varlen_tile_config
+    monkeypatch.setattr(varlen_triton, "varlen_tile_config",
+                        lambda *a: used.append(a) or config(*a))
+    # plus one sequence longer than two of the largest tiles (64): several row and key tiles
+    if mode == "pg1d":
+        np_ = random.randint(130, 160)
+        seqs = _batch(_pg1d_seq, ("np0", "nondiv")) + [
+            (np_ + random.randint(1, 5), np_ + random.randint(0, 40), np_)]
+    elif mode == "pg2d":
+        hp, wp = random.randint(9, 11), random.randint(12, 13)
+        seqs = _batch(_pg2d_seq, ("1x1",)) + [
+            (hp * wp + random.randint(1, 4), 11 * 13, hp * wp, (11, 13), (hp, wp))]
+    else:
+        seqs = [(n, n) for n in _batch(lambda s: random.randint(1, 70), ())]
+        seqs.append((random.randint(130, 160),) * 2)
+    random.shuffle(seqs)
+    window = (random.randint(0, 12), random.randint(0, 5)) if mode == "band" else None
+    _attention_case(seqs, mode, dtype, "cpu", strided=False, window=window, dims=dims)
+    assert len(used) == 3 and {a[-1] for a in used} == {86}, used
+    tile = lambda *a: (config(*a)["BLOCK_M"], config(*a)["BLOCK_N"])  # noqa: E731
+    assert [a for a in used if tile(*a) != tile(*a[:-1], 90)], used  # not DEFAULT_ARCH's tiles
 
 
 def _per_seq_window(n):
@@ -661,24 +697,33 @@ def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
     assert_transforms_refused(calls)
 
 
-def test_varlen_refuses_the_archs_whose_configs_spill():
-    """sm_86 / sm_89 spill with the sm_80 tile table (AOT): refused with the reason, and the AOT
-    specs list nothing there; the archs the AOT run found clean are served."""
-    for cap in ((8, 6), (8, 9)):
-        why = varlen_plan.varlen_arch_refusal(cap)
-        assert f"sm_{cap[0]}{cap[1]}" in why and "backend='reference'" in why
-        assert not list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))
-    for cap in ((7, 5), (8, 0), (9, 0)):
-        assert varlen_plan.varlen_arch_refusal(cap) == ""
-        assert list(varlen_triton.aot_specs(cap[0] * 10 + cap[1]))
-
-
 _POOL_KERNELS = ("_pool_varlen_fwd_kernel", "_pool_varlen_bwd_kernel",
                  "_pool_proj_varlen_fwd_kernel", "_pool_proj_dw_kernel", "_pool_proj_dp_kernel")
 
 
 def _launch_key(kernel, ty: str, constexprs: dict, options: dict):
     return kernel.fn.__name__, ty, frozenset(constexprs.items()), frozenset(options.items())
+
+
+class _Recorder:
+    """Stand-in for a Triton kernel: each launch appends its key (name, dtype of the first
+    argument, constexprs, num_warps / num_stages) to ``launched``; ``kernel=None`` records
+    nothing. Nothing executes."""
+
+    def __init__(self, kernel, launched: list):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.kernel is None:
+                return
+            params = inspect.signature(self.kernel.fn).parameters.values()
+            cx = {p.name for p in params if "constexpr" in str(p.annotation)}
+            self.launched.append(_launch_key(
+                self.kernel, pool_triton._TL_DTYPE[args[0].dtype],
+                {k: v for k, v in kwargs.items() if k in cx},
+                {k: kwargs[k] for k in ("num_warps", "num_stages")}))
+        return launch
 
 
 def test_pool_launchers_choose_only_aot_configs(monkeypatch):
@@ -688,23 +733,9 @@ def test_pool_launchers_choose_only_aot_configs(monkeypatch):
     AOT run compiles exactly what runs. Kernels are replaced by recorders: nothing executes."""
     from pargo_kernels import aot
     launched = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                params = inspect.signature(self.kernel.fn).parameters.values()
-                cx = {p.name for p in params if "constexpr" in str(p.annotation)}
-                launched.append(_launch_key(
-                    self.kernel, pool_triton._TL_DTYPE[args[0].dtype],
-                    {k: v for k, v in kwargs.items() if k in cx},
-                    {k: kwargs[k] for k in ("num_warps", "num_stages")}))
-            return launch
-
     for name in _POOL_KERNELS:
-        monkeypatch.setattr(varlen_pool_triton, name, Recorder(getattr(varlen_pool_triton, name)))
+        monkeypatch.setattr(varlen_pool_triton, name,
+                            _Recorder(getattr(varlen_pool_triton, name), launched))
     monkeypatch.setattr(varlen_pool_triton, "_interp", lambda t: False)
     plan = pk.plan_pool([0, 6, 15], [(2, 3), (3, 3)], (2, 2))
     for arch in aot.ARCHS:
@@ -726,3 +757,51 @@ def test_pool_launchers_choose_only_aot_configs(monkeypatch):
                 assert len(launched) == (12 if fused else 2), launched  # 2 + 2 x (1 + 4)
                 missing = set(launched) - specs
                 assert not missing, f"sm_{arch} {dtype} C={c}: not in aot_specs: {missing}"
+
+
+
+_ATTN_KERNELS = ("_varlen_fwd_kernel", "_varlen_bwd_dq_kernel", "_varlen_bwd_dkdv_kernel")
+
+
+def test_attention_launchers_choose_only_aot_configs(monkeypatch):
+    """What the varlen attention launchers launch on a GPU of each architecture (each mask kind,
+    dtype and head-dim bucket the dispatcher serves there; sm_86 / sm_89 included, with their own
+    tiles) is a configuration `aot_specs(arch)` lists and vice versa, so the AOT run (0 spills)
+    compiles exactly what runs. Kernels are replaced by recorders: nothing executes."""
+    from pargo_kernels import aot
+    from pargo_kernels.ops import attention_plan, attention_triton
+    launched = []
+    for name in _ATTN_KERNELS:
+        monkeypatch.setattr(varlen_triton, name, _Recorder(getattr(varlen_triton, name), launched))
+    # the fixed-shape delta kernel (fp32 backward) is attention_triton's: not recorded here
+    monkeypatch.setattr(varlen_triton, "_attn_bwd_delta_kernel", _Recorder(None, launched))
+    # the GPU's precision (the interpreter's bf16 one is a CPU-only stand-in)
+    monkeypatch.setattr(varlen_triton, "_precision",
+                        lambda dtype, interpret=False: attention_triton._precision(dtype))
+    cu = [0, 6, 15]
+    plans = [(pk.plan_partial_global(cu, cu, 2), (0, 0)),
+             (pk.plan_partial_global(cu, cu, [2, 4], visual_grids=[(2, 3), (3, 3)],
+                                     partial_grids=[(1, 2), (2, 2)]), (0, 0)),
+             (pk.plan_band(cu), (1, 2))]
+    for arch in aot.ARCHS:
+        monkeypatch.setattr(varlen_triton, "_arch", lambda t, arch=arch: arch)
+        specs = {_launch_key(k.kernel, ptrs["Q"], cx, opts)  # k: its Recorder
+                 for k, ptrs, cx, opts, _ in varlen_triton.aot_specs(arch)}
+        served, seen = 0, set()
+        for dtype in DTYPES:
+            for d in (16, 32, 64, 128, 256):
+                if attention_plan.arch_refusal(divmod(arch, 10), dtype, d):
+                    continue
+                served += 1
+                for plan, window in plans:
+                    launched.clear()
+                    q, k, v, do = (torch.randn(15, 2, d).to(dtype) for _ in range(4))
+                    out, lse = varlen_triton.varlen_forward(q, k, v, plan, plan.kind, window, 0.5)
+                    varlen_triton.varlen_backward(do, q, k, v, out, lse, plan, plan.kind, window,
+                                                  0.5)
+                    assert [key[0] for key in launched] == list(_ATTN_KERNELS), launched
+                    missing = set(launched) - specs
+                    assert not missing, f"sm_{arch} {dtype} d={d}: not in aot_specs: {missing}"
+                    seen |= set(launched)
+        assert served == (4 if arch == 75 else 15), arch  # sm_75: fp32 up to d=128
+        assert seen == specs, f"sm_{arch}: aot_specs lists configs no launch uses"

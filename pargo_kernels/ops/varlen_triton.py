@@ -324,8 +324,9 @@ def check_lengths(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
 
 # Per-arch varlen tiles where the fixed-shape table (attention_plan.tile_config, itself per
 # arch) spills in the varlen kernels, whose per-sequence scalars (offsets, lengths, mask
-# parameters) hold extra registers; found by `python -m pargo_kernels.aot --arch 80 90 --filter
-# varlen`. (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# parameters) hold extra registers; found by `python -m pargo_kernels.aot --arch 75 80 86 89 90
+# --filter _varlen_fwd _varlen_bwd`.
+# (kernel, dtype class, padded head dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _SM80 = {("dq", "16bit", 64): (32, 64, 4, 2), ("dq", "fp32", 64): (16, 32, 4, 1),
          ("dq", "fp32", 128): (16, 16, 4, 1), ("dq", "fp32", 256): (16, 16, 8, 1),
          ("dkdv", "16bit", 32): (32, 32, 4, 1), ("dkdv", "16bit", 64): (32, 32, 4, 2),
@@ -336,7 +337,16 @@ _SM90 = {("dq", "fp32", 16): (32, 16, 4, 1), ("dq", "fp32", 128): (16, 16, 4, 1)
          ("fwd", "fp32", 16): (32, 16, 4, 1), ("fwd", "fp32", 32): (32, 16, 4, 1),
          ("fwd", "fp32", 256): (16, 16, 4, 1)}
 _SM75 = {**_SM80, ("fwd", "fp32", 64): (32, 16, 4, 1)}  # 32x32: 24 B spilled (2-D windows)
-_ARCH_OVERRIDES = {75: _SM75, 80: _SM80, 86: _SM80, 89: _SM80, 90: _SM90}
+# sm_86 / sm_89 (same spills on both, `--arch 86 89`): the sm_80 tiles spill 8-28 B in these 8
+# (16-bit forward d=16/64 band, dQ and dK/dV d=64 ParGo self; fp32 forward d=32 2-D windows,
+# dK/dV d=32, dQ d=128 band and d=256 ParGo self). 16-bit: half the forward's key tile, one
+# stage in the backward; fp32: 16-row forward / dK/dV tiles at d=32, dQ d=256 on 4 warps (as on
+# sm_90), dQ d=128 32x16 on 8 warps (16x16 on 4 or 8 warps and 16x32 spill there).
+_SM86 = {**_SM80, ("fwd", "16bit", 16): (64, 32, 4, 2), ("fwd", "16bit", 64): (64, 32, 4, 2),
+         ("dq", "16bit", 64): (32, 64, 4, 1), ("dkdv", "16bit", 64): (32, 32, 4, 1),
+         ("fwd", "fp32", 32): (16, 32, 4, 1), ("dkdv", "fp32", 32): (16, 32, 4, 1),
+         ("dq", "fp32", 128): (32, 16, 8, 1), ("dq", "fp32", 256): (16, 16, 4, 1)}
+_ARCH_OVERRIDES = {75: _SM75, 80: _SM80, 86: _SM86, 89: _SM86, 90: _SM90}
 
 
 def varlen_tile_config(kernel: str, block_d: int, dtype: torch.dtype,
@@ -483,8 +493,6 @@ def aot_specs(arch: int = _aplan.DEFAULT_ARCH):
     launchers can make on ``sm_<arch>``: each mask kind x dtype x head-dim bucket the
     fixed-shape dispatcher accepts there (``attention_plan.arch_refusal``), with
     ``varlen_tile_config(..., arch)``."""
-    if _plan.varlen_arch_refusal(divmod(arch, 10)):
-        return  # the dispatcher refuses this arch (varlen_plan.VARLEN_AOT_CLEAN_ARCHS)
     for dtype, ty in _TL_DTYPE.items():
         if _aplan.arch_refusal(divmod(arch, 10), dtype):
             continue
