@@ -176,3 +176,57 @@ def test_tile_table_follows_the_architecture():
         assert dkdv.cfg["num_warps"] == warps
     assert plan.tile_config("fwd", 256, torch.float32, 86)["BLOCK_N"] == 16
     assert plan.tile_config("fwd", 256, torch.float32, 90)["BLOCK_N"] == 32
+
+
+def test_launchers_choose_only_aot_configs(monkeypatch):
+    """What the fixed-shape attention launchers launch on a GPU of each architecture (every
+    mask kind, dtype and head-dim bucket the dispatcher serves there, with and without key
+    splits of global tiles, so the 16-bit delta-only dQ launch too) is a configuration
+    ``attention_triton.aot_specs(arch)`` lists, and every listed one is launched: the AOT run
+    (0 spills) compiles exactly what runs. Launches are recorded, nothing executes."""
+    import dataclasses
+    import inspect
+
+    from pargo_kernels import aot
+    from pargo_kernels.ops import attention_triton as at
+
+    def key(kernel, ty, constexprs, options):
+        return kernel.fn.__name__, ty, frozenset(constexprs.items()), frozenset(options.items())
+
+    launched = []
+
+    def record(kernel, launch, *args, **kwargs):
+        names = {p.name for p in inspect.signature(kernel.fn).parameters.values()
+                 if "constexpr" in str(p.annotation)}
+        cx = {k: v for k, v in {**launch.cfg, **kwargs}.items() if k in names}
+        launched.append(key(kernel, at._TL_DTYPE[args[0].dtype], cx,
+                            {k: launch.cfg[k] for k in ("num_warps", "num_stages")}))
+
+    original_problem, original_precision = at.problem, at._precision
+    monkeypatch.setattr(at, "_launch", record)
+    monkeypatch.setattr(at, "_precision", lambda dtype, interpret=False: original_precision(dtype))
+    # a global tile spans several key tiles, a partial one ~1: split_min_iters=1 splits them
+    masks = [PartialGlobalMask(310, 300, 300), PartialGlobalMask(310, 300, 300, (20, 15), (20, 15)),
+             BandMask(40, 3, 2), ParGoSelfMask(300, 30, 4, 1)]
+    for arch in aot.ARCHS:
+        monkeypatch.setattr(at, "problem", lambda *a, arch=arch: dataclasses.replace(
+            original_problem(*a), arch=arch))
+        specs = {key(k, ptrs["Q"], cx, opts) for k, ptrs, cx, opts, _ in at.aot_specs(arch)}
+        seen = set()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for d in (16, 32, 64, 128, 256):
+                if plan.arch_refusal(divmod(arch, 10), dtype, d):
+                    continue
+                for mask in masks:
+                    q = torch.randn(1, 2, mask.n_query, d).to(dtype)
+                    k, v = (torch.randn(1, 2, mask.n_key, d).to(dtype) for _ in range(2))
+                    for split in (None, 1):  # default threshold (no split here) / split all
+                        launched.clear()
+                        out, lse = at.attention_forward(q, k, v, mask.kind, mask.params, 0.5,
+                                                        split_min_iters=split)
+                        at.attention_backward(torch.randn_like(out), q, k, v, out, lse,
+                                              mask.kind, mask.params, 0.5, split_min_iters=split)
+                        missing = set(launched) - specs
+                        assert not missing, f"sm_{arch} {dtype} d={d}: not in aot_specs: {missing}"
+                        seen |= set(launched)
+        assert seen == specs, f"sm_{arch}: aot_specs lists configs no launch uses: {specs - seen}"

@@ -778,11 +778,16 @@ def test_attention_launchers_choose_only_aot_configs(monkeypatch):
     # the GPU's precision (the interpreter's bf16 one is a CPU-only stand-in)
     monkeypatch.setattr(varlen_triton, "_precision",
                         lambda dtype, interpret=False: attention_triton._precision(dtype))
-    cu = [0, 6, 15]
+    cu, cu_long = [0, 6, 15], [0, 6, 42]
+    # the last two split their global tiles over keys (16-bit: the delta-only dQ launch too)
     plans = [(pk.plan_partial_global(cu, cu, 2), (0, 0)),
              (pk.plan_partial_global(cu, cu, [2, 4], visual_grids=[(2, 3), (3, 3)],
                                      partial_grids=[(1, 2), (2, 2)]), (0, 0)),
-             (pk.plan_band(cu), (1, 2))]
+             (pk.plan_band(cu), (1, 2)),
+             (pk.plan_partial_global(cu_long, cu_long, [2, 30], split_keys=16), (0, 0)),
+             (pk.plan_partial_global(cu_long, cu_long, [2, 30], visual_grids=[(2, 3), (6, 6)],
+                                     partial_grids=[(1, 2), (6, 5)], split_keys=16), (0, 0))]
+    assert [p.n_split > 1 for p, _ in plans] == [False] * 3 + [True] * 2
     for arch in aot.ARCHS:
         monkeypatch.setattr(varlen_triton, "_arch", lambda t, arch=arch: arch)
         specs = {_launch_key(k.kernel, ptrs["Q"], cx, opts)  # k: its Recorder
@@ -795,11 +800,15 @@ def test_attention_launchers_choose_only_aot_configs(monkeypatch):
                 served += 1
                 for plan, window in plans:
                     launched.clear()
-                    q, k, v, do = (torch.randn(15, 2, d).to(dtype) for _ in range(4))
+                    total = int(plan.meta_host[-1, 0])
+                    q, k, v, do = (torch.randn(total, 2, d).to(dtype) for _ in range(4))
                     out, lse = varlen_triton.varlen_forward(q, k, v, plan, plan.kind, window, 0.5)
                     varlen_triton.varlen_backward(do, q, k, v, out, lse, plan, plan.kind, window,
                                                   0.5)
-                    assert [key[0] for key in launched] == list(_ATTN_KERNELS), launched
+                    order = list(_ATTN_KERNELS)
+                    if plan.n_split > 1 and dtype != torch.float32:
+                        order.insert(1, "_varlen_bwd_dq_kernel")  # the delta-only launch
+                    assert [key[0] for key in launched] == order, launched
                     missing = set(launched) - specs
                     assert not missing, f"sm_{arch} {dtype} d={d}: not in aot_specs: {missing}"
                     seen |= set(launched)

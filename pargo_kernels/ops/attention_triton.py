@@ -597,3 +597,7 @@ def aot_specs(arch: int = 90):
                     label = (f"{kname} {ty} d={block_d} M={cfg['BLOCK_M']} N={cfg['BLOCK_N']} "
                              f"w={options['num_warps']} s={options['num_stages']}")
                     yield kernel, ptrs, constexprs, options, label
+                    if which == "dq" and dtype != torch.float32 and kind != KIND_BAND:
+                        # 16-bit split global tiles: the dq_delta launch (attention_plan)
+                        yield (kernel, ptrs, {**constexprs, "DELTA_ONLY": True}, options,
+                               f"{label} delta-only")

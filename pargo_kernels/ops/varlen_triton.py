@@ -514,7 +514,12 @@ def aot_specs(arch: int = _aplan.DEFAULT_ARCH):
                     if which == "dq":
                         constexprs["DELTA_PASS"] = dtype != torch.float32
                         constexprs["DELTA_ONLY"] = False
-                    yield (kernel, ptrs, constexprs, options,
-                           f"varlen-{kname} {ty} d={block_d} M={cfg['BLOCK_M']} "
-                           f"N={cfg['BLOCK_N']} w={options['num_warps']} "
-                           f"s={options['num_stages']}")
+                    label = (f"varlen-{kname} {ty} d={block_d} M={cfg['BLOCK_M']} "
+                             f"N={cfg['BLOCK_N']} w={options['num_warps']} "
+                             f"s={options['num_stages']}")
+                    yield kernel, ptrs, constexprs, options, label
+                    if which == "dq" and dtype != torch.float32 and kind != KIND_BAND:
+                        # 16-bit split global tiles (varlen_plan.SPLIT_KEYS): the delta-only dQ
+                        yield (kernel, ptrs, {**constexprs, "DELTA_ONLY": True,
+                                              "TILE_COL": _col(_plan.A_STILES, block)},
+                               options, f"{label} delta-only")
