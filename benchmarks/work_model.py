@@ -189,14 +189,16 @@ def entry_io(p: plan.Problem, launch: plan.Launch, e):
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def resources(kernel: str, kind: int, dtype: torch.dtype, block_d: int,
-              prefix: str = "") -> tuple[int, int, int]:
+              prefix: str = "", delta_only: bool = False) -> tuple[int, int, int]:
     """``(registers, shared bytes, warps)`` of the configuration, compiled for sm_90
-    (``prefix``: of the AOT label, ``"varlen-"`` for the varlen kernels)."""
+    (``prefix``: of the AOT label, ``"varlen-"`` for the varlen kernels; ``delta_only``: the
+    dQ kernel's delta-only launch of split global tiles)."""
     from pargo_kernels import aot
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     label = f"{ty} d={block_d}" if kernel == "_attn_bwd_delta_kernel" else \
         f"{prefix}{KIND_NAMES[kind]} {ty} d={block_d} M="
-    rows = [r for r in aot.run([90], 1, f"{kernel} {label}") if r.kernel == kernel]
+    rows = [r for r in aot.run([90], 1, f"{kernel} {label}")
+            if r.kernel == kernel and ("delta-only" in r.config) == delta_only]
     if len(rows) != 1 or not rows[0].ok:
         raise RuntimeError(f"sm_90 compile of {kernel} {label} failed: {rows}")
     warps = int(rows[0].config.split(" w=")[1].split()[0]) if " w=" in rows[0].config else 4
@@ -213,7 +215,8 @@ def resident_programs(regs: int, smem: int, warps: int) -> int:
 
 def launch_resident(p: plan.Problem, launch: plan.Launch) -> int:
     bd = max(_bd(p)) if launch.name != "delta" else _bd(p)[1]
-    regs, smem, warps = resources(KERNELS[launch.name], p.kind, p.dtype, bd)
+    regs, smem, warps = resources(KERNELS[launch.name], p.kind, p.dtype, bd,
+                                  delta_only=launch.name == "dq_delta")
     return resident_programs(regs, smem, warps)
 
 

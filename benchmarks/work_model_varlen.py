@@ -206,7 +206,8 @@ def launch_stats(la: dict, kind: int, dtype, D: int, Dv: int) -> dict:
     iters = [wm.entry_iters(launch, e) for _, _, _, t in la["seqs"] for e in t]
     kernel = KERNELS["dq" if launch.name == "dq_delta" else launch.name]
     bd = max(plan.block_dims(D, Dv))
-    resident = wm.resident_programs(*wm.resources(kernel, kind, dtype, bd, "varlen-"))
+    resident = wm.resident_programs(*wm.resources(kernel, kind, dtype, bd, "varlen-",
+                                                  delta_only=launch.name == "dq_delta"))
     return dict(name=launch.name, programs=launch.heads * len(iters), tiles_per_head=len(iters),
                 cfg=dict(launch.cfg), flops=launch_flops(la), max_iters=max(iters, default=0),
                 mean_iters=float(np.mean(iters)) if iters else 0.0, resident=resident,

@@ -197,7 +197,7 @@ def test_varlen_rows_tiny(monkeypatch):
     the packed lengths, programs = the plan's tiles x H, and the padded alternative issuing
     every pair of the padded tensors (at this tiny size fewer than the issued tiles)."""
     import work_model_varlen
-    monkeypatch.setattr(work_model, "resources", lambda *a: (64, 16384, 4))
+    monkeypatch.setattr(work_model, "resources", lambda *a, **kw: (64, 16384, 4))
     from pargo_kernels.varlen_plan import A_KTILES, A_QTILES
     from pargo_kernels.ops.varlen_triton import varlen_tile_config
     H, D = 2, 64
