@@ -316,3 +316,26 @@ def test_torchrun_two_processes_match_one_process(stage1, disk, tmp_path):
     res = _run(cmd, kw, _env())
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(res1["losses"]),
                                rtol=1e-5, atol=1e-6)
+
+
+
+def test_native_resize_refused_under_multi_process_zero3(tmp_path, monkeypatch):
+    """--image_resize native runs the tower once per distinct image size in a micro-batch: under
+    ZeRO-3 on several processes the ranks would gather parameters a different number of times
+    and hang, so parse_args refuses it (ZeRO-2 and one process stay allowed). The rule is
+    checked directly (a multi-process TrainingArguments would wait for its peers) and its call
+    in parse_args with the parsed values."""
+    from models.mllm import train as T
+    z2, z3 = (str(REPO / f"models/mllm/configs/zero{s}.json") for s in (2, 3))
+    with pytest.raises(ValueError, match="ZeRO-3 on more than one process"):
+        T.check_native_zero3("native", z3, 2)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        T.check_native_zero3("native", {"zero_optimization": {"stage": 3}}, 8)
+    for ok in (("native", z2, 2), ("native", z3, 1), ("fixed", z3, 2), ("native", None, 4)):
+        T.check_native_zero3(*ok)
+    calls = []
+    monkeypatch.setattr(T, "check_native_zero3", lambda *a: calls.append(a))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    T.parse_args(dict(data_path=str(tmp_path / "d.json"), output_dir=str(tmp_path / "o"),
+                      image_resize="native"))
+    assert calls == [("native", None, 1)]

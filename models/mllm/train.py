@@ -127,6 +127,28 @@ __all__ = ["ModelArguments", "DataArguments", "TrainingArguments", "parse_args",
 
 
 # ------------------------------------------------------------------------------ argument parsing
+def _zero_stage(deepspeed) -> int:
+    """ZeRO stage of a ``--deepspeed`` config (a JSON path, a dict or None: 0)."""
+    if not deepspeed:
+        return 0
+    if not isinstance(deepspeed, dict):
+        with open(deepspeed) as f:
+            deepspeed = json.load(f)
+    return int(deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_native_zero3(image_resize: str, deepspeed, world_size: int) -> None:
+    """Refuse ``--image_resize native`` under ZeRO-3 on several processes: each micro-batch runs
+    the (partitioned) tower once per distinct image size, so ranks would issue different numbers
+    of ZeRO-3 parameter gathers and hang or fail with a collective mismatch (a known failure of
+    per-batch vision calls under ZeRO-3)."""
+    if image_resize == "native" and world_size > 1 and _zero_stage(deepspeed) == 3:
+        raise ValueError("--image_resize native is not supported with DeepSpeed ZeRO-3 on more "
+                         "than one process (ranks would run the vision tower a different "
+                         "number of times per step and deadlock in ZeRO-3's parameter "
+                         "gathers); use ZeRO-2, one process, or --image_resize fixed")
+
+
 def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """``args``: CLI strings, a dict of flags, or the dataclass triple; the stage defaults
     (module docstring) fill what was not given explicitly."""
@@ -166,6 +188,8 @@ def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
                                          or dargs.max_pixels < 1):
         raise ValueError(f"max_pixels must be a positive int and goes with --image_resize "
                          f"native, got {dargs.max_pixels} with {dargs.image_resize!r}")
+    check_native_zero3(dargs.image_resize, targs.deepspeed,
+                       int(os.environ.get("WORLD_SIZE", "1")))
     if margs.mm_vision_select_feature != "patch":
         raise ValueError(f"mm_vision_select_feature must be 'patch' (the projectors take the "
                          f"patch grid; a CLS token has no grid cell), got "
