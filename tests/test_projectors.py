@@ -47,6 +47,7 @@ SMALL = {
     "cabstractor": dict(num_queries=9, hidden=16, depth=1),
     "mlp2x_gelu": {},
     "linear": {},
+    "mlp": dict(depth=3, bias=False, act="gelu_pytorch_tanh"),
 }
 WITH_KERNELS = ["pargo", "qformer", "deco", "cabstractor"]
 

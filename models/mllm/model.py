@@ -130,34 +130,48 @@ class MLLM(nn.Module):
     images of different sizes (+ ``visual_grids``), each giving ``packed_tokens_for_grid`` of
     its patch grid (:meth:`embed`). Position ids follow the attention mask,
     so left and right padding give the same logits on real tokens.
+
+    The projector's input is the tower's hidden state ``vision_feature_layer`` (an int, or a
+    list of layers concatenated along the channels, as llava-hf's ``vision_feature_layer``)
+    with ``vision_select_feature`` ``"patch"`` (the patch grid: the CLS token, when the tower
+    has one, dropped) or ``"cls_patch"`` (CLS first, then the grid: LLaVA's ``cls_patch``; the
+    projector must then take ``1 + rows * cols`` tokens, and no packed batches).
+    LLaVA checkpoints: :meth:`from_llava` / :meth:`save_llava` (:mod:`models.mllm.llava`).
     """
     # transformers.Trainer: forward takes num_items_in_batch, counted over labels[:, 1:]
     accepts_loss_kwargs = True
     loss_type = "ForCausalLM"
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module,
-                 image_token_id: int, *, vision_feature_layer: int = -2,
-                 freeze_vision_tower: bool = True, tokenizer=None, image_processor=None):
+                 image_token_id: int, *, vision_feature_layer: int | list[int] = -2,
+                 vision_select_feature: str = "patch", freeze_vision_tower: bool = True,
+                 tokenizer=None, image_processor=None):
         super().__init__()
         for name, mod in (("vision_tower", vision_tower), ("projector", projector), ("llm", llm)):
             if not isinstance(mod, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
-        if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
-            raise TypeError(f"vision_feature_layer must be an int, got {vision_feature_layer!r}")
-        n_layers = vision_tower.config.num_hidden_layers
-        if not -(n_layers + 1) <= vision_feature_layer <= n_layers:
-            raise ValueError(f"vision_feature_layer must be in [{-(n_layers + 1)}, {n_layers}] "
-                             f"for a {n_layers}-layer tower, got {vision_feature_layer}")
+        vision_feature_layer = check_feature_layer(vision_feature_layer,
+                                                   vision_tower.config.num_hidden_layers)
+        if vision_select_feature not in SELECT_FEATURES:
+            raise ValueError(f"vision_select_feature must be one of {SELECT_FEATURES}, got "
+                             f"{vision_select_feature!r}")
         vocab = llm.get_input_embeddings().num_embeddings
         if not 0 <= int(image_token_id) < vocab:
             raise ValueError(f"image_token_id must be in [0, {vocab}), got {image_token_id}")
         self.vision_tower, self.projector, self.llm = vision_tower, projector, llm
         self.image_token_id = int(image_token_id)
         self.vision_feature_layer = vision_feature_layer
+        self.vision_select_feature = vision_select_feature
         self.visual_grid = vision_grid_of(vision_tower.config)
         if tuple(projector.visual_grid) != self.visual_grid:
             raise ValueError(f"projector visual_grid {tuple(projector.visual_grid)} does not match "
                              f"the vision tower's {self.visual_grid}")
+        want = self.visual_grid[0] * self.visual_grid[1] + (vision_select_feature == "cls_patch")
+        got = getattr(projector, "num_input_tokens", want)
+        if got != want:
+            raise ValueError(f"the projector takes {got} tokens but vision_select_feature="
+                             f"{vision_select_feature!r} gives it {want} (a {self.visual_grid} grid"
+                             f"{' + CLS' if vision_select_feature == 'cls_patch' else ''})")
         self.tokenizer, self.image_processor = tokenizer, image_processor
         if freeze_vision_tower:
             self.vision_tower.requires_grad_(False)
@@ -166,13 +180,15 @@ class MLLM(nn.Module):
     @classmethod
     def build(cls, vision_tower, llm, projector: str | dict | nn.Module = "mlp2x_gelu", *,
               tokenizer=None, image_processor=None, projector_kwargs: dict | None = None,
-              vision_feature_layer: int = -2, freeze_vision_tower: bool = True,
-              dtype=None, llm_kwargs: dict | None = None) -> "MLLM":
+              vision_feature_layer: int | list[int] = -2, vision_select_feature: str = "patch",
+              freeze_vision_tower: bool = True, dtype=None,
+              llm_kwargs: dict | None = None) -> "MLLM":
         """Build from specs (see the module docstring). ``projector`` is a registry name (built
-        with the tower's width and grid and the LLM's width, plus ``projector_kwargs``), a
-        ``proj.config`` dict, or a module. ``tokenizer`` defaults to ``llm`` when that is a
-        name or path; ``<image>`` is added to it (and the LLM's embeddings resized) if missing.
-        ``dtype`` / ``llm_kwargs`` go to the ``from_pretrained`` of components given by path."""
+        with the tower's width (times the number of feature layers) and grid and the LLM's
+        width, plus ``projector_kwargs``), a ``proj.config`` dict, or a module. ``tokenizer``
+        defaults to ``llm`` when that is a name or path; ``<image>`` is added to it (and the
+        LLM's embeddings resized) if missing. ``dtype`` / ``llm_kwargs`` go to the
+        ``from_pretrained`` of components given by path."""
         tower = load_vision_tower(vision_tower, dtype=dtype)
         lm = load_llm(llm, dtype=dtype, **(llm_kwargs or {}))
         if tokenizer is None:
@@ -185,7 +201,9 @@ class MLLM(nn.Module):
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         grid = vision_grid_of(tower.config)
         if isinstance(projector, str):
-            proj = build_projector(projector, vision_width=tower.config.hidden_size,
+            layers = check_feature_layer(vision_feature_layer, tower.config.num_hidden_layers)
+            proj = build_projector(projector, vision_width=tower.config.hidden_size * (
+                                       len(layers) if isinstance(layers, list) else 1),
                                    llm_width=lm.get_input_embeddings().embedding_dim,
                                    visual_grid=grid, **(projector_kwargs or {}))
         elif isinstance(projector, dict):
@@ -197,8 +215,27 @@ class MLLM(nn.Module):
                             f"got {type(projector).__name__}")
         proc = load_image_processor(image_processor, tower.config)
         model = cls(tower, proj, lm, image_token_id, vision_feature_layer=vision_feature_layer,
+                    vision_select_feature=vision_select_feature,
                     freeze_vision_tower=freeze_vision_tower, tokenizer=tok, image_processor=proc)
         return model
+
+    @classmethod
+    def from_llava(cls, path, *, projector=None, projector_kwargs: dict | None = None,
+                   vision_tower=None, torch_dtype=None, vision_feature_layer=None) -> "MLLM":
+        """The MLLM of a LLaVA checkpoint: llava-hf (``LlavaForConditionalGeneration``) or the
+        original LLaVA layout; ``projector=None`` keeps its projector, a registry name (+
+        ``projector_kwargs``) builds that one fresh on its tower and LLM. See
+        :func:`models.mllm.llava.load_llava`."""
+        from .llava import load_llava
+        return load_llava(cls, path, projector=projector, projector_kwargs=projector_kwargs,
+                          vision_tower=vision_tower, torch_dtype=torch_dtype,
+                          vision_feature_layer=vision_feature_layer)
+
+    def save_llava(self, path, *, template: str = "vicuna_v1") -> None:
+        """Write a llava-hf directory (``LlavaForConditionalGeneration`` / ``AutoProcessor``
+        load it); 2-layer MLP projectors only. See :func:`models.mllm.llava.save_llava`."""
+        from .llava import save_llava
+        save_llava(self, path, template=template)
 
     @property
     def config(self):
@@ -216,7 +253,8 @@ class MLLM(nn.Module):
 
     def config_dict(self) -> dict:
         return {"projector": self.projector.config, "vision_feature_layer":
-                self.vision_feature_layer, "image_token": IMAGE_PLACEHOLDER,
+                self.vision_feature_layer, "vision_select_feature": self.vision_select_feature,
+                "image_token": IMAGE_PLACEHOLDER,
                 "image_token_id": self.image_token_id,
                 "num_visual_tokens": self.num_visual_tokens}
 
@@ -270,7 +308,8 @@ class MLLM(nn.Module):
                 f"tokens_for_grid") from e
 
     def _tower_features(self, pixel_values: Tensor, native: bool) -> Tensor:
-        """Hidden states of ``vision_feature_layer`` for ``[n, 3, H, W]``, CLS included."""
+        """Hidden states of ``vision_feature_layer`` for ``[n, 3, H, W]``, CLS included (several
+        layers: concatenated along the channels)."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         kwargs = {}
@@ -284,6 +323,8 @@ class MLLM(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
                                     output_hidden_states=True, **kwargs)
+        if isinstance(self.vision_feature_layer, list):
+            return torch.cat([out.hidden_states[i] for i in self.vision_feature_layer], dim=-1)
         return out.hidden_states[self.vision_feature_layer]
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -292,7 +333,12 @@ class MLLM(nn.Module):
             raise ValueError(f"pixel_values must be [N, 3, H, W], got {tuple(pixel_values.shape)}")
         feats = self._tower_features(pixel_values, native=False)
         grid_tokens = self.visual_grid[0] * self.visual_grid[1]
-        if feats.shape[1] == grid_tokens + 1:  # CLS first (CLIP)
+        if self.vision_select_feature == "cls_patch":
+            if feats.shape[1] != grid_tokens + 1:
+                raise ValueError(f"vision_select_feature='cls_patch' needs a tower with a CLS "
+                                 f"token: it gave {feats.shape[1]} tokens for grid "
+                                 f"{self.visual_grid}")
+        elif feats.shape[1] == grid_tokens + 1:  # CLS first (CLIP)
             feats = feats[:, 1:]
         elif feats.shape[1] != grid_tokens:
             raise ValueError(f"vision tower gave {feats.shape[1]} tokens, expected {grid_tokens} "
@@ -328,6 +374,9 @@ class MLLM(nn.Module):
         batched) at the image's own grid (``interpolate_pos_encoding``), the features of every
         image (CLS dropped) are packed in list order and the projector runs once on the packed
         batch; ``counts[i]`` tokens of ``y`` belong to image ``i``, in order."""
+        if self.vision_select_feature != "patch":
+            raise ValueError(f"vision_select_feature={self.vision_select_feature!r}: packed "
+                             f"batches take the patch grid only (a CLS token has no grid cell)")
         grids = self.packed_grids(pixel_values, visual_grids)
         expected = [self.packed_tokens_for_grid(g) for g in grids]  # refuses unpacked projectors
         tower_grid = vision_grid_of(self.vision_tower.config)
@@ -519,9 +568,27 @@ class MLLM(nn.Module):
         proc = (tf.AutoImageProcessor.from_pretrained(path)
                 if (path / "preprocessor_config.json").is_file() else None)
         model = cls.build(tower, llm, cfg["projector"], tokenizer=path, image_processor=proc,
-                          vision_feature_layer=cfg["vision_feature_layer"])
+                          vision_feature_layer=cfg["vision_feature_layer"],
+                          vision_select_feature=cfg.get("vision_select_feature", "patch"))
         model.projector.load_state_dict(torch.load(path / PROJECTOR_WEIGHTS, map_location="cpu"))
         return model
+
+
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+def check_feature_layer(layer, num_layers: int) -> int | list[int]:
+    """``layer`` (an int, or a non-empty list of ints: hidden states concatenated) checked
+    against a ``num_layers``-layer tower (``hidden_states`` has ``num_layers + 1`` entries)."""
+    items = layer if isinstance(layer, (list, tuple)) else [layer]
+    if not items or any(isinstance(x, bool) or not isinstance(x, int) for x in items):
+        raise TypeError(f"vision_feature_layer must be an int or a non-empty list of ints, got "
+                        f"{layer!r}")
+    bad = [x for x in items if not -(num_layers + 1) <= x <= num_layers]
+    if bad:
+        raise ValueError(f"vision_feature_layer must be in [{-(num_layers + 1)}, {num_layers}] "
+                         f"for a {num_layers}-layer tower, got {layer}")
+    return list(items) if isinstance(layer, (list, tuple)) else int(layer)
 
 
 def ensure_image_token(tokenizer, llm: nn.Module) -> int:

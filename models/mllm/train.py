@@ -13,6 +13,17 @@ or a video's frames)::
         --data_path blip_558k.json --image_folder images --output_dir runs/stage1 --bf16
     python -m models.train export --checkpoint runs/stage2 --output merged/
 
+``--model_name_or_path`` may also be a LLaVA checkpoint, llava-hf or original layout (as in
+LLaVA's own fine-tuning recipe, :mod:`models.mllm.llava`): tower, projector and LLM come from it,
+``--vision_tower`` is then optional (original layout: it replaces ``mm_vision_tower``),
+``--projector NAME`` swaps in a fresh projector on its tower and LLM, and ``--save_llava DIR``
+writes the llava-hf export (LoRA merged) at the end of training (``export --format llava``
+does it for a finished run)::
+
+    python -m models.train --stage 2 --model_name_or_path llava-hf/llava-1.5-7b-hf \
+        --lora_enable --data_path mine.json --image_folder images --output_dir runs/lora \
+        --bf16 --save_llava runs/lora/llava-hf
+
 ``--stage 1``: projector only (``--tune_mm_mlp_adapter``), template ``plain``, lr 1e-3.
 ``--stage 2``: template ``vicuna_v1``; with ``--lora_enable`` LoRA (r 128, alpha 256, lr 2e-4,
 projector lr 2e-5, LLaVA-1.5's recipe), without it the whole LLM (lr 2e-5). A flag given
@@ -37,13 +48,16 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import transformers
 
-from .model import MLLM
+from ..projectors.registry import projector_from_config
+from .llava import exportable_projector, is_llava_checkpoint, padding_processor
+from .model import MLLM, load_llm
 from .trainer import RUN_CONFIG, MLLMTrainer, latest_checkpoint
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
@@ -54,15 +68,22 @@ STAGE_TEMPLATE = {1: "plain", 2: "vicuna_v1"}
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "the LLM (name or "
-                                           "directory); its tokenizer is loaded from there too"})
+                                           "directory; its tokenizer is loaded from there too), "
+                                           "or a LLaVA checkpoint (llava-hf or original layout: "
+                                           "tower, projector and LLM come from it)"})
     version: str | None = field(default=None, metadata={"help": "conversation template: plain, "
                                 "vicuna_v1, llava_llama_2, mistral_instruct, chatml, llama_3, "
                                 "chat_template (default: plain at stage 1, vicuna_v1 at 2)"})
-    vision_tower: str | None = field(default=None, metadata={"help": "CLIP / SigLIP name or dir"})
-    mm_vision_select_layer: int = field(default=-2, metadata={"help": "tower hidden state used"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP / SigLIP name or dir "
+                                     "(a LLaVA checkpoint: optional, replaces its "
+                                     "mm_vision_tower)"})
+    mm_vision_select_layer: int | None = field(default=None, metadata={
+        "help": "tower hidden state used (default -2; a LLaVA checkpoint's own)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (CLS "
                                           "dropped); cls_patch is rejected (see the docs)"})
-    projector: str = field(default="mlp2x_gelu", metadata={"help": "projector registry name"})
+    projector: str | None = field(default=None, metadata={"help": "projector registry name "
+                                  "(default mlp2x_gelu; a LLaVA checkpoint keeps its own unless "
+                                  "given)"})
     projector_kwargs: str = field(default="{}", metadata={"help": "JSON dict of projector "
                                   "arguments; {\"init_from_bert\": DIR} loads a BertModel into "
                                   "ParGo / Q-Former (their load_bert)"})
@@ -101,6 +122,9 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_dropout: float = 0.05
     mm_projector_lr: float | None = field(default=None, metadata={
         "help": "projector lr (default: 2e-5 with --lora_enable, else --learning_rate)"})
+    save_llava: str | None = field(default=None, metadata={
+        "help": "also write a llava-hf directory here at the end of training (LoRA merged; "
+                "2-layer MLP projectors only)"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "each batch all "
                                            "image or all text records"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "LLaVA's flag: warmup steps as "
@@ -244,21 +268,35 @@ def build_model(margs, targs, model: MLLM | None = None) -> MLLM:
     if not isinstance(proj_kwargs, dict):
         raise ValueError(f"projector_kwargs must be a JSON object, got {margs.projector_kwargs!r}")
     bert = proj_kwargs.pop("init_from_bert", None)
-    if model is None:
+    if model is None and margs.model_name_or_path is not None \
+            and is_llava_checkpoint(margs.model_name_or_path):
+        if targs.bits != 16:
+            raise ValueError("--bits 4 / 8 with a LLaVA checkpoint is not supported (only the "
+                             "LLM would be quantised; not implemented)")
+        model = MLLM.from_llava(margs.model_name_or_path, projector=margs.projector,
+                                projector_kwargs=proj_kwargs or None,
+                                vision_tower=margs.vision_tower, torch_dtype=torch.float32,
+                                vision_feature_layer=margs.mm_vision_select_layer)
+    elif model is None:
         if margs.model_name_or_path is None or margs.vision_tower is None:
             raise ValueError("model_name_or_path and vision_tower are required (or pass model=)")
         # fp32 load: the trainable weights start as the exact checkpoint values (fp32 masters);
         # the frozen ones are cast down below
-        model = MLLM.build(margs.vision_tower, margs.model_name_or_path, margs.projector,
+        model = MLLM.build(margs.vision_tower, margs.model_name_or_path,
+                           margs.projector or "mlp2x_gelu",
                            image_processor=_processor_default(margs.vision_tower),
                            projector_kwargs=proj_kwargs, dtype=torch.float32,
-                           vision_feature_layer=margs.mm_vision_select_layer,
+                           vision_feature_layer=-2 if margs.mm_vision_select_layer is None
+                           else margs.mm_vision_select_layer,
                            llm_kwargs=_llm_kwargs(targs))
     elif not isinstance(model, MLLM):
         raise TypeError(f"model must be an MLLM, got {type(model).__name__}")
+    if targs.save_llava:  # refused now rather than after training
+        exportable_projector(model.projector)
     if bert is not None:
         if not hasattr(model.projector, "load_bert"):
-            raise ValueError(f"init_from_bert: projector {margs.projector!r} has no load_bert")
+            raise ValueError(f"init_from_bert: projector "
+                             f"{model.projector.config.get('name')!r} has no load_bert")
         model.projector.load_bert(transformers.BertModel.from_pretrained(str(bert)))
     if margs.pretrain_mm_mlp_adapter:
         model.projector.load_state_dict(torch.load(margs.pretrain_mm_mlp_adapter,
@@ -304,6 +342,14 @@ def _save_components(model: MLLM, margs, out: Path) -> dict:
     :func:`~models.mllm.model.ensure_image_token`), as are the tokenizer and image processor."""
     base = out / "base"
     llm = model.llm.get_base_model() if model.is_lora else model.llm
+    if margs.model_name_or_path is not None and is_llava_checkpoint(margs.model_name_or_path):
+        # rebuilt by MLLM.from_llava (deterministic: <image> added the same way)
+        specs = {"llava": margs.model_name_or_path, "vision_tower": margs.vision_tower}
+        for name, obj in (("tokenizer", model.tokenizer),
+                          ("image_processor", model.image_processor)):
+            specs[name] = str(base / name)
+            obj.save_pretrained(specs[name])
+        return specs
     specs = {"vision_tower": margs.vision_tower, "llm": margs.model_name_or_path}
     from transformers.integrations import is_deepspeed_zero3_enabled
     if None in specs.values() and is_deepspeed_zero3_enabled():
@@ -390,6 +436,9 @@ def train(args, *, model: MLLM | None = None, on_step=None) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     trainer.save_state()
+    if targs.save_llava and targs.should_save:  # rebuilt from the saved run (ZeRO-3 safe)
+        export_merged(out, targs.save_llava, fmt="llava",
+                      dtype=str(compute_dtype(targs)).removeprefix("torch."))
     history = trainer.state.log_history
     losses = [h["loss"] for h in history[n_logged:] if "loss" in h and "step" in h]
     if resume is not None:  # the history restored from the checkpoint precedes this call's
@@ -411,29 +460,65 @@ def load_checkpoint_model(checkpoint, torch_dtype=torch.float32) -> MLLM:
         raise ValueError(f"checkpoint {str(ck)!r} has no {RUN_CONFIG}")
     with open(ck / RUN_CONFIG) as f:
         rc = json.load(f)
-    comp = rc["components"]
-    llm = str(ck / "llm") if (ck / "llm").is_dir() else comp["llm"]
-    model = MLLM.build(comp["vision_tower"], llm, rc["mllm"]["projector"],
-                       tokenizer=comp["tokenizer"], image_processor=comp["image_processor"],
-                       vision_feature_layer=rc["mllm"]["vision_feature_layer"],
-                       dtype=torch_dtype)
+    comp, mc = rc["components"], rc["mllm"]
+    if comp.get("llava") is not None:
+        base = MLLM.from_llava(comp["llava"], vision_tower=comp.get("vision_tower"),
+                               torch_dtype=torch_dtype)
+        llm = (load_llm(ck / "llm", dtype=torch_dtype) if (ck / "llm").is_dir()
+               else base.llm)
+        model = MLLM(base.vision_tower, projector_from_config(mc["projector"]), llm,
+                     base.image_token_id, vision_feature_layer=mc["vision_feature_layer"],
+                     vision_select_feature=mc.get("vision_select_feature", "patch"),
+                     tokenizer=base.tokenizer, image_processor=base.image_processor)
+        if torch_dtype is not None:
+            model.projector.to(torch_dtype)
+    else:
+        llm = str(ck / "llm") if (ck / "llm").is_dir() else comp["llm"]
+        model = MLLM.build(comp["vision_tower"], llm, mc["projector"],
+                           tokenizer=comp["tokenizer"], image_processor=comp["image_processor"],
+                           vision_feature_layer=mc["vision_feature_layer"],
+                           vision_select_feature=mc.get("vision_select_feature", "patch"),
+                           dtype=torch_dtype)
     model.projector.load_state_dict(torch.load(ck / "projector.pt", map_location="cpu"))
     if (ck / "adapter").is_dir():
         model.load_lora(ck / "adapter")
     return model
 
 
-def export_merged(checkpoint, output, dtype: str = "float32") -> Path:
-    """Write a self-contained MLLM directory with LoRA merged into the LLM (merged in fp32, then
-    saved in ``dtype``): ``AutoModelForCausalLM.from_pretrained(output)`` loads the LLM,
-    ``MLLM.from_pretrained`` the whole model."""
+def export_merged(checkpoint, output, dtype: str = "float32", fmt: str = "mllm",
+                  template: str | None = None) -> Path:
+    """Write the model of a run with LoRA merged into the LLM (merged in fp32, then saved in
+    ``dtype``). ``fmt="mllm"``: a self-contained MLLM directory
+    (``AutoModelForCausalLM.from_pretrained(output)`` loads the LLM, ``MLLM.from_pretrained``
+    the whole model); ``fmt="llava"``: a llava-hf directory (``LlavaForConditionalGeneration``
+    / ``AutoProcessor``; 2-layer MLP projectors only) whose chat template is ``template``
+    (default: the run's ``--version``) and whose image processor pads to a square or not as
+    the run's ``--image_aspect_ratio`` did (so serving sees the images as training did)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if fmt not in ("mllm", "llava"):
+        raise ValueError(f"fmt must be 'mllm' or 'llava', got {fmt!r}")
     model = load_checkpoint_model(checkpoint, torch_dtype=torch.float32)
+    if fmt == "llava":
+        exportable_projector(model.projector)  # before the merge
     if model.is_lora:
         model.merge_lora()
     model.to(getattr(torch, dtype))
-    model.save_pretrained(output)
+    if fmt == "llava":
+        with open(Path(checkpoint) / RUN_CONFIG) as f:
+            rc = json.load(f)
+        if template is None:
+            template = rc.get("model_args", {}).get("version") or "vicuna_v1"
+        data_args = rc.get("data_args", {})
+        if data_args.get("image_resize", "fixed") == "native":
+            warnings.warn("the run was trained with --image_resize native; the llava-hf export "
+                          "serves images at the tower's fixed size")
+        else:
+            model.image_processor = padding_processor(
+                model.image_processor, data_args.get("image_aspect_ratio", "pad") == "pad")
+        model.save_llava(output, template=template)
+    else:
+        model.save_pretrained(output)
     return Path(output)
 
 
@@ -446,8 +531,13 @@ def main(argv=None) -> None:
         p.add_argument("--checkpoint", required=True, help="training output or checkpoint dir")
         p.add_argument("--output", required=True)
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        p.add_argument("--format", default="mllm", choices=("mllm", "llava"),
+                       help="mllm: MLLM.from_pretrained's directory; llava: llava-hf "
+                            "(LlavaForConditionalGeneration + AutoProcessor)")
+        p.add_argument("--template", default=None, help="--format llava: the chat template "
+                       "(default: the run's --version)")
         a = p.parse_args(argv[1:])
-        print(export_merged(a.checkpoint, a.output, a.dtype))
+        print(export_merged(a.checkpoint, a.output, a.dtype, a.format, a.template))
         return
     if any(a in ("-h", "--help") for a in argv):
         transformers.HfArgumentParser(ARG_CLASSES).parse_args_into_dataclasses(args=argv)

@@ -13,13 +13,13 @@ with ``x [sum_i r_i * c_i, vision_width]`` (the images' tokens back to back) ret
 [sum(counts), llm_width]`` and ``counts[i] == proj.tokens_for_grid(visual_grids[i])``; image
 ``i``'s rows equal running it alone at its own grid. Per-image rules
 (:func:`~models.projectors.common.scaled_grid`: each axis keeps the configured ratio, rounded half
-up, at least 1): ``mlp2x_gelu`` / ``linear`` one token per patch; ``deco`` and ``cabstractor``
-pool to ``scaled_grid(grid, visual_grid, query_grid)``; ``pargo`` gets the partial grid
-``scaled_grid(grid, visual_grid, partial_grid)`` (1-D windows: the count keeps the ratio) plus
-``n_global`` globals, its partial queries resampled bilinearly; ``qformer`` ``n_query``.
+up, at least 1): ``mlp2x_gelu`` / ``linear`` / ``mlp`` one token per patch; ``deco`` and
+``cabstractor`` pool to ``scaled_grid(grid, visual_grid, query_grid)``; ``pargo`` gets the
+partial grid ``scaled_grid(grid, visual_grid, partial_grid)`` (1-D windows: the count keeps the
+ratio) plus ``n_global`` globals, its partial queries resampled bilinearly; ``qformer`` ``n_query``.
 
 Registered: ``"pargo"``, ``"qformer"``, ``"deco"``, ``"cabstractor"``, ``"mlp2x_gelu"``,
-``"linear"``.
+``"linear"``, ``"mlp"`` (any depth, bias, activation, CLS kept: the LLaVA checkpoints' variants).
 """
 from .cabstractor import CAbstractor
 from .deco import DeCoProjector
