@@ -32,6 +32,7 @@ ATT = "pargo_kernels/ops/attention_triton.py"
 POOL = "pargo_kernels/ops/pool_triton.py"
 PLAN = "pargo_kernels/ops/attention_plan.py"  # launch plans (engineer attn's restructuring)
 MLLM = "models/mllm/model.py"
+LLAVA = "models/mllm/llava.py"
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,61 @@ MUTANTS = [
            "key=_natural_key)", "key=str)",
            ("tests/test_mllm_varres.py", "-k", "dataset_items"),
            "a video directory's frames in string order (10.png before 2.png)"),
+    # --- LLaVA checkpoints in and out (models/mllm/llava.py, tests/test_llava.py)
+    Mutant("llava-original-select-layer-ignored", LLAVA,
+           'layer = cfg.get("mm_vision_select_layer", -2)', "layer = -2",
+           ("tests/test_llava.py", "-k", "original_logits"),
+           "original layout: mm_vision_select_layer ignored (LLaVA-1.5's -2 always)"),
+    Mutant("llava-hf-feature-layer-default", LLAVA,
+           "int(cfg.image_token_id), cfg.vision_feature_layer,", "int(cfg.image_token_id), -2,",
+           ("tests/test_llava.py", "-k", "hf_logits"),
+           "llava-hf: vision_feature_layer ignored (-2 always)"),
+    Mutant("llava-hf-full-drops-cls", LLAVA,
+           'select = "cls_patch" if has_cls else "patch"', 'select = "patch"',
+           ("tests/test_llava.py", "-k", "hf_logits"),
+           "llava-hf: the 'full' strategy drops CLIP's CLS token"),
+    Mutant("llava-export-keeps-cls", LLAVA,
+           'strategy = "full" if cls_patch or not has_cls else "default"', 'strategy = "full"',
+           ("tests/test_llava.py", "-k", "export_loads"),
+           "export: 'full' written for a patch-only model (llava-hf keeps the CLS token)"),
+    Mutant("llava-hf-projector-transposed", LLAVA,
+           '"mlp.2.weight": src.linear_2.weight}', '"mlp.2.weight": src.linear_2.weight.T}',
+           ("tests/test_llava.py", "-k", "hf_logits"),
+           "llava-hf: linear_2's weight loaded transposed (square: no shape error)"),
+    Mutant("llava-original-projector-swapped", LLAVA,
+           'state = {f"mlp.{k}": v for k, v in weights.items()}',
+           'state = {f"mlp.{2 * depth - 2 - int(k[0])}{k[1:]}": v for k, v in weights.items()}',
+           ("tests/test_llava.py", "-k", "original_logits"),
+           "original layout: mm_projector.0 and .2 swapped (equal widths: no shape error)"),
+    Mutant("llava-export-projector-swapped", LLAVA,
+           "linear_1 = model.projector.mlp[0]\n    hf.model.multi_modal_projector.linear_2 = "
+           "model.projector.mlp[2]",
+           "linear_1 = model.projector.mlp[2]\n    hf.model.multi_modal_projector.linear_2 = "
+           "model.projector.mlp[0]",
+           ("tests/test_llava.py", "-k", "export_loads"),
+           "export: the projector's two Linear layers written as linear_2 / linear_1"),
+    Mutant("llava-hf-image-token-off-by-one", LLAVA,
+           "int(cfg.image_token_id), cfg.vision_feature_layer,",
+           "int(cfg.image_token_id) + 1, cfg.vision_feature_layer,",
+           ("tests/test_llava.py", "-k", "hf_logits"),
+           "llava-hf: image_token_index read off by one"),
+    Mutant("llava-export-image-token-off-by-one", LLAVA,
+           "image_token_index=model.image_token_id,", "image_token_index=model.image_token_id + 1,",
+           ("tests/test_llava.py", "-k", "export_loads"),
+           "export: image_token_index written off by one"),
+    Mutant("llava-original-pad-ignored", LLAVA,
+           'proc = padding_processor(proc, aspect == "pad")',
+           "proc = padding_processor(proc, False)",
+           ("tests/test_llava.py", "-k", "original_logits"),
+           "original layout: image_aspect_ratio 'pad' ignored (images cropped)"),
+    Mutant("llava-export-no-bos", LLAVA,
+           "add_bos=not _adds_bos(tok)", "add_bos=False",
+           ("tests/test_llava.py", "-k", "export_loads"),
+           "export: the chat template drops BOS for a tokenizer that does not add it"),
+    Mutant("llava-export-pad-not-kept", "models/mllm/train.py",
+           'data_args.get("image_aspect_ratio", "pad") == "pad")', "False)",
+           ("tests/test_llava.py", "-k", "cli_lora"),
+           "export of a run trained with pad: the processor does not pad"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
