@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from models.mllm import MLLM, word_level_tokenizer  # noqa: E402
-from models.mllm.conversation import TEMPLATES, tokenize_conversation  # noqa: E402
+from models.mllm.conversation import TEMPLATES  # noqa: E402
 from models.mllm.data import TOY_WORDS, write_toy_dataset  # noqa: E402
 from models.mllm.llava import chat_template_jinja, is_llava_checkpoint  # noqa: E402
 
@@ -210,7 +210,12 @@ def write_original(d: Path, case: dict) -> dict:
                mm_hidden_size=WIDTH, image_aspect_ratio=case["aspect"],
                mm_use_im_start_end=False, mm_use_im_patch_token=case["im_patch"],
                mm_patch_merge_type="flat", tune_mm_mlp_adapter=False, use_mm_proj=True,
-               tokenizer_model_max_length=2048, tokenizer_padding_side="right")
+               tokenizer_model_max_length=2048, tokenizer_padding_side="right",
+               # the rest of the released llava-v1.5-7b config.json (transformers 4.31 era)
+               freeze_mm_mlp_adapter=False, tune_mm_vision_resampler=False,
+               unfreeze_mm_vision_tower=False, max_length=4096, pretraining_tp=1,
+               rope_scaling=None, transformers_version="4.31.0",
+               _name_or_path="llava-v1.5-7b")
     (m / "config.json").write_text(json.dumps(cfg, indent=2))
     return {"dir": m, "tok": tok, "llm": llm, "clip": clip, "proj": proj, "case": case}
 
@@ -524,7 +529,7 @@ def test_cli_lora_finetune_of_llava_hf_merges_and_exports(hf_dirs, tmp_path, cap
 
 
 def test_trainer_builds_from_a_llava_checkpoint(orig, tmp_path):
-    from models.mllm.train import build_model, parse_args
+    from models.mllm.train import build_model, check_save_llava, parse_args
     src = orig["llava15-pad"]
     data = write_toy_dataset(tmp_path / "toy", 2, seed=0)
     kw = dict(model_name_or_path=str(src["dir"]), data_path=str(data), output_dir=str(tmp_path),
@@ -542,3 +547,6 @@ def test_trainer_builds_from_a_llava_checkpoint(orig, tmp_path):
     with pytest.raises(ValueError, match="deco.*llava-hf"):
         build_model(*parse_args({**kw, "stage": 1, "projector": "deco",
                                  "save_llava": str(tmp_path / "x")})[::2])
+    with pytest.raises(ValueError, match="ZeRO-3.*export"):
+        check_save_llava(str(tmp_path / "x"), {"zero_optimization": {"stage": 3}})
+    check_save_llava(str(tmp_path / "x"), {"zero_optimization": {"stage": 2}})

@@ -176,8 +176,9 @@ class _Parts:
 
 def _tower_has_cls(tower: nn.Module) -> bool:
     """Whether the tower's hidden states start with a CLS token (CLIP: yes; SigLIP: no)."""
-    emb = getattr(tower, "embeddings", None) or getattr(getattr(tower, "vision_model", None),
-                                                          "embeddings", None)
+    emb = getattr(tower, "embeddings", None)
+    if emb is None:  # transformers 4.x CLIPVisionModel: under .vision_model
+        emb = getattr(getattr(tower, "vision_model", None), "embeddings", None)
     return any(hasattr(emb, a) for a in ("class_embedding", "cls_token"))
 
 

@@ -147,7 +147,7 @@ class TrainingArguments(transformers.TrainingArguments):
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 __all__ = ["ModelArguments", "DataArguments", "TrainingArguments", "parse_args", "build_model",
            "cast_for_training", "train", "load_checkpoint_model", "export_merged", "main",
-           "latest_checkpoint"]
+           "latest_checkpoint", "check_save_llava"]
 
 
 # ------------------------------------------------------------------------------ argument parsing
@@ -171,6 +171,16 @@ def check_native_zero3(image_resize: str, deepspeed, world_size: int) -> None:
                          "than one process (ranks would run the vision tower a different "
                          "number of times per step and deadlock in ZeRO-3's parameter "
                          "gathers); use ZeRO-2, one process, or --image_resize fixed")
+
+
+def check_save_llava(save_llava, deepspeed) -> None:
+    """Refuse ``--save_llava`` under ZeRO-3: the export rebuilds the model from the saved run in
+    the training process, where transformers would load it partitioned again; run ``export
+    --format llava`` after training instead."""
+    if save_llava and _zero_stage(deepspeed) == 3:
+        raise ValueError("--save_llava is not supported with DeepSpeed ZeRO-3 (the export would "
+                         "load the model partitioned); run `python -m models.train export "
+                         "--checkpoint OUTPUT_DIR --output DIR --format llava` after training")
 
 
 def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -214,6 +224,7 @@ def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
                          f"native, got {dargs.max_pixels} with {dargs.image_resize!r}")
     check_native_zero3(dargs.image_resize, targs.deepspeed,
                        int(os.environ.get("WORLD_SIZE", "1")))
+    check_save_llava(targs.save_llava, targs.deepspeed)
     if margs.mm_vision_select_feature != "patch":
         raise ValueError(f"mm_vision_select_feature must be 'patch' (the projectors take the "
                          f"patch grid; a CLS token has no grid cell), got "
