@@ -1,6 +1,7 @@
 """The MLLM (vision tower -> projector -> causal LM) and its LLaVA-style training / evaluation.
 
-``model`` (:class:`MLLM`), ``conversation`` (templates and answer-only labels), ``data`` (LLaVA
+``model`` (:class:`MLLM`), ``llava`` (LLaVA checkpoints in and out: ``MLLM.from_llava`` /
+``save_llava``), ``conversation`` (templates and answer-only labels), ``data`` (LLaVA
 JSON dataset + collator), ``train`` (the trainer, ``python -m models.train``), ``eval_mme``
 (``python -m models.eval_mme``), ``configs/`` (DeepSpeed configs). transformers / peft are
 imported lazily, inside the functions that need them.
