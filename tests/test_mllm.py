@@ -323,7 +323,8 @@ def test_image_positions_never_carry_labels_wherever_the_placeholder_stands(mode
     tok.chat_template = _CHAT
     end = _END[name]
     h, g = "human", "gpt"
-    convs = [([(h, "Describe it"), (g, "Here <image> it is red")], ["Here", "it", "is", "red", end]),
+    convs = [([(h, "Describe it"), (g, "Here <image> it is red")],
+              ["Here", "it", "is", "red", end]),
              ([(h, "<image>\nIs it red?"), (g, "Yes <image>")], ["Yes", end])]
     if name != "plain":  # plain takes one question and one answer
         convs.append(([(h, "Is it red?"), (g, "Yes"), (h, "<image> Is it blue?"),
@@ -379,6 +380,21 @@ def test_records_whose_answers_max_length_cuts_off_are_skipped_at_build(model, t
         _dataset(model, data, max_length=first[long], strict=True)
     with pytest.raises(ValueError, match=r"model_max_length.*no answer token.*every record"):
         _dataset(model, data, max_length=min(first))
+    # an answer that starts with its image: max_length right after the image tokens keeps every
+    # image token and no answer token
+    recs[0]["conversations"] = [{"from": "human", "value": "What color is the square?"},
+                                {"from": "gpt", "value": "<image> the square is red"}]
+    data.write_text(json.dumps(recs[:1]))
+    enc = tokenize_conversation(model.tokenizer, recs[0]["conversations"],
+                                image_token_id=model.image_token_id,
+                                num_image_tokens=model.num_visual_tokens)
+    at = _first_label(enc)
+    assert enc["input_ids"][at - 1] == model.image_token_id  # right after the image run
+    with pytest.raises(ValueError, match=rf"max_length={at} \(--model_max_length\) leaves no "
+                                         rf"answer token in every record"):
+        _dataset(model, data, max_length=at)
+    labels = _dataset(model, data, max_length=at + 1)[0]["labels"]
+    assert sum(lab != IGNORE_INDEX for lab in labels) == 1
 
 
 def test_records_bad_only_when_read_are_caught_at_build_and_reported_once(model, tmp_path):
@@ -390,7 +406,8 @@ def test_records_bad_only_when_read_are_caught_at_build_and_reported_once(model,
     recs = json.loads(data.read_text())
     q, a = recs[0]["conversations"]
     bad = [("gpt-first", [a, q]), ("system", [{"from": "system", "value": "Be brief."}, q, a]),
-           ("bot", [q, {"from": "bot", "value": "red"}]), ("two-humans", [q, {"from": "human", "value": "Is it red?"}, a])]
+           ("bot", [q, {"from": "bot", "value": "red"}]),
+           ("two-humans", [q, {"from": "human", "value": "Is it red?"}, a])]
     recs += [{"id": i, "image": "0.png", "conversations": c} for i, c in bad]
     data.write_text(json.dumps(recs))
     with pytest.warns(UserWarning) as caught:
@@ -460,3 +477,39 @@ def test_modality_grouped_sampler_yields_every_record_once_per_epoch(lengths, pe
         step = [i for shard in shards for i in shard[k]]
         assert len(step) == run and len({image[i] for i in step}) == 1, (k, step)
     assert {i for shard in shards for b in shard for i in b} == set(range(len(lengths)))
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(data=st.data())
+def test_build_time_truncation_check_agrees_with_full_tokenisation(model, data):
+    """truncation_problem (tokenises only up to the first target and the last image token)
+    decides exactly as the full tokenisation: image tokens past max_length -> image cut; else
+    the first target at or past it -> no answer token; else fine. Every template, <image> in
+    questions and answers, empty answers, max_length around every boundary."""
+    from models.mllm.conversation import TEMPLATE_NAMES, truncation_problem
+    tok = _tok_with(model, "<|im_end|>", "<|eot_id|>", "<|u|>", "<|a|>", "<|e|>", "Yes", "No",
+                    "red", "it", "Here")
+    tok.chat_template = _CHAT
+    name = data.draw(st.sampled_from(TEMPLATE_NAMES))
+    words = st.lists(st.sampled_from(["Yes", "No", "red", "it", "Here", "the", "<image>"]),
+                     max_size=6).map(" ".join)
+    rounds = 1 if name == "plain" else data.draw(st.integers(1, 3))
+    conv = [{"from": f, "value": data.draw(words)} for _ in range(rounds)
+            for f in ("human", "gpt")]
+    n_ph = sum(c["value"].count("<image>") for c in conv)
+    counts = data.draw(st.lists(st.integers(1, 4), min_size=n_ph, max_size=n_ph))
+    kw = dict(image_token_id=model.image_token_id, num_image_tokens=counts, template=name)
+    enc = tokenize_conversation(tok, conv, **kw)
+    ids, labels = enc["input_ids"], enc["labels"]
+    first = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    images = [k for k, i in enumerate(ids) if i == model.image_token_id]
+    limit = data.draw(st.sampled_from(sorted({1, first, first + 1, len(ids), len(ids) + 1,
+                                              *[k + d for k in images for d in (0, 1)]})))
+    got = truncation_problem(tok, conv, max_length=limit, **kw)
+    if images and images[-1] >= limit:
+        assert got is not None and "would truncate the image tokens" in got, (got, limit)
+    elif first >= limit:
+        assert got is not None and "leaves no answer token" in got, (got, limit)
+    else:
+        assert got is None, (got, limit)
+    assert truncation_problem(tok, conv, max_length=None, **kw) is None

@@ -4,9 +4,11 @@ checkpoints, LoRA + export, DeepSpeed ZeRO-2 / ZeRO-3, torchrun."""
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -406,9 +408,13 @@ def test_latest_checkpoint_is_the_newest_complete_by_step_number(tmp_path):
         with pytest.raises(ValueError, match=msg):
             resolve_resume(tmp_path, str(ck[step]))
         left = [s for s in (2, 9, 10) if s < step]
-        with pytest.warns(UserWarning, match=rf"skipping .*checkpoint-{step}.*{msg}"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             got = latest_checkpoint(tmp_path)
         assert got == (str(ck[max(left)]) if left else None)
+        msgs = [str(w.message) for w in seen]  # one per skipped checkpoint, newest first
+        assert len(msgs) == 3 - len(left) and re.search(
+            rf"skipping checkpoint .*checkpoint-{step}'.*{msg}", msgs[-1]), msgs
     assert all(ck[s].is_dir() for s in ck)  # nothing deleted
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no complete checkpoint"):
         resolve_resume(tmp_path, "latest")

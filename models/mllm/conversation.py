@@ -179,33 +179,41 @@ def _placeholder_counts(num_image_tokens, n_placeholders: int) -> list[int]:
     return counts
 
 
-def _pieces(tokenizer, turns: list[str], *, image_token_id: int, counts: list[int],
-            template: str, for_generation: bool, encode=None):
-    """The conversation as ``(ids, is_image, trained)`` pieces, in order, lazily (a caller may
-    stop early). ``encode(text) -> ids`` defaults to the tokenizer without special tokens."""
+def _segments(tokenizer, turns: list[str], template: str, for_generation: bool):
+    """The conversation as ``(text, trained)`` segments, in order, lazily (a caller may stop
+    early): ``text`` a string (``<image>`` placeholders in it), None for the eos token, or a
+    list of token ids (the bos)."""
     tmpl = get_template(template)
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer must have an eos_token")
-    if encode is None:
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    count_iter = iter(counts)
-    enc = lambda s: _encode_text(encode, s, image_token_id, count_iter)  # noqa: E731
     if tokenizer.bos_token_id is not None and template != "chat_template" \
             and (tmpl is None or tmpl.bos):
-        yield [tokenizer.bos_token_id], [False], False
+        yield [tokenizer.bos_token_id], False
     if template == "plain":  # <image>s + the first answer, as LLaVA's stage-1 pretraining
         if len(turns) < 2 and not for_generation:
             raise ValueError("the plain template needs a question turn and an answer turn")
-        yield (*enc(IMAGE_PLACEHOLDER * turns[0].count(IMAGE_PLACEHOLDER)), False)
+        yield IMAGE_PLACEHOLDER * turns[0].count(IMAGE_PLACEHOLDER), False
         if not for_generation:
-            ids, is_image = enc(turns[1])
-            yield ids + [eos], is_image + [False], True
+            yield turns[1], True
+            yield None, True
+    elif tmpl is None:
+        yield from _chat_template_segments(tokenizer, turns)
     else:
-        segs = (_chat_template_segments(tokenizer, turns) if tmpl is None
-                else tmpl.segments(turns))
-        for text, train in segs:
-            yield (([eos], [False]) if text is None else enc(text)) + (train,)
+        yield from tmpl.segments(turns)
+
+
+def _pieces(tokenizer, turns: list[str], *, image_token_id: int, counts: list[int],
+            template: str, for_generation: bool):
+    """:func:`_segments` tokenised: ``(ids, is_image, trained)``."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    count_iter = iter(counts)
+    for text, train in _segments(tokenizer, turns, template, for_generation):
+        if text is None:
+            yield [tokenizer.eos_token_id], [False], train
+        elif isinstance(text, list):
+            yield text, [False] * len(text), train
+        else:
+            yield (*_encode_text(encode, text, image_token_id, count_iter), train)
 
 
 def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_image_tokens,
@@ -252,20 +260,39 @@ def truncation_problem(tokenizer, conversations, *, image_token_id: int, num_ima
     """Why :func:`tokenize_conversation` with ``max_length`` would give a useless or an invalid
     item, or None: no answer token left (the first trained position at or past
     ``max_length``), or image tokens cut. Raises ``ValueError`` like it for a malformed
-    conversation. Tokenises only up to the first trained token and the last image token (or
-    ``max_length``): cheap enough to run on every record when a dataset is built. ``encode``
-    (``text -> ids``) may be a cached tokenizer call."""
+    conversation. Tokenises only what decides it: the text before the first answer, and on up
+    to the last image token (an answer without ``<image>`` is not tokenised when no image
+    follows it), so that it runs on every record when a dataset is built. ``encode`` (``text
+    -> ids``) may be a cached tokenizer call."""
     turns = normalise_turns(conversations)
     get_template(template)
     counts = _placeholder_counts(num_image_tokens,
                                  sum(msg.count(IMAGE_PLACEHOLDER) for msg in turns))
+    if encode is None:
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    count_iter = iter(counts)
     images_left, pos, first = sum(counts), 0, None
     limit = math.inf if max_length is None else max_length
-    for ids, is_image, train in _pieces(tokenizer, turns, image_token_id=image_token_id,
-                                        counts=counts, template=template,
-                                        for_generation=False, encode=encode):
+    segs = _segments(tokenizer, turns, template, for_generation=False)
+    if template != "chat_template":
+        segs = list(segs)  # string formatting only; the look-ahead below needs the next one
+    for k, (text, train) in enumerate(segs):
+        if train and first is None and isinstance(text, str) and IMAGE_PLACEHOLDER not in text \
+                and template != "chat_template" and segs[k + 1][1] \
+                and (segs[k + 1][0] is None or len(encode(segs[k + 1][0])) > 0):
+            # an answer without <image>, then its end (eos or the template's end text, at least
+            # one token, trained): the first target is here, whatever the answer's tokens
+            first = pos
+            if images_left == 0 or first >= limit:
+                break
+        if text is None:
+            ids, is_image = [tokenizer.eos_token_id], [False]
+        elif isinstance(text, list):
+            ids, is_image = text, [False] * len(text)
+        else:
+            ids, is_image = _encode_text(encode, text, image_token_id, count_iter)
         if train and first is None:
-            first = next((pos + k for k, im in enumerate(is_image) if not im), None)
+            first = next((pos + j for j, im in enumerate(is_image) if not im), None)
         images_left -= sum(is_image[:max(0, min(len(ids), limit - pos))])
         pos += len(ids)
         if pos >= limit or (first is not None and images_left == 0):

@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATE_NAMES, get_template,
-                           normalise_turns, tokenize_conversation, truncation_problem)
+                           tokenize_conversation, truncation_problem)
 
 _MAX_REPORTED = 20
 
@@ -130,7 +130,9 @@ def record_visuals(rec: dict, image_folder: Path | None) -> tuple[str, list[str]
 
 
 def record_problem(rec, image_folder: Path | None, template: str) -> str | None:
-    """Why ``rec`` cannot be trained on, or None when it can (cheap checks, no decoding)."""
+    """Why ``rec`` cannot be trained on, or None when it can (cheap checks, no decoding; the
+    turns' roles and lengths are checked by the dataset, with the tokenizer:
+    :func:`~models.mllm.conversation.truncation_problem`)."""
     if not isinstance(rec, dict):
         return f"not a dict ({type(rec).__name__})"
     conv = rec.get("conversations")
@@ -142,10 +144,6 @@ def record_problem(rec, image_folder: Path | None, template: str) -> str | None:
             return f"conversations[{i}] must be a dict with 'from' and a string 'value'"
     if len(conv) < 2:
         return "one turn only: there is no answer to train on"
-    try:
-        normalise_turns(conv)
-    except ValueError as e:
-        return str(e)
     if template == "plain" and len(conv) != 2:
         return f"the plain template takes one question and one answer, got {len(conv)} turns"
     try:
@@ -219,9 +217,10 @@ class LLaVADataset(Dataset):
     ``bad_records`` lists ``(where, reason)`` of the records skipped at construction
     (``where`` = "record I" or "line N"), then of those that failed when read (each once);
     ``modality_lengths`` is a length estimate per record (words + the image tokens), positive
-    with images and negative without, never 0 (for ``--group_by_modality_length``). ``image_aspect_ratio`` (fixed policy only; None = "pad"):
-    ``"pad"`` (LLaVA-1.5: pad to a square with the processor's mean colour, then the processor)
-    or ``"crop"`` (the processor alone: resize + centre crop).
+    with images and negative without, never 0 (for ``--group_by_modality_length``).
+    ``image_aspect_ratio`` (fixed policy only; None = "pad"): ``"pad"`` (LLaVA-1.5: pad to a
+    square with the processor's mean colour, then the processor) or ``"crop"`` (the processor
+    alone: resize + centre crop).
     """
 
     def __init__(self, data, image_folder, tokenizer, image_processor, *, image_token_id: int,
