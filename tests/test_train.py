@@ -425,6 +425,12 @@ def test_latest_checkpoint_is_the_newest_complete_by_step_number(tmp_path):
     (good[11] / MANIFEST).unlink()
     with pytest.raises(ValueError, match=rf"checkpoint-11.*no {MANIFEST}"):
         verify_checkpoint(good[11])
+    with pytest.warns(UserWarning, match=rf"checkpoint-11.*no {MANIFEST}"):
+        assert resolve_resume(tmp_path / "r", "latest") == str(good[10])
+    with pytest.warns(UserWarning, match="unverified"):  # named: another trainer's checkpoint
+        assert resolve_resume(tmp_path / "r", str(good[11])) == str(good[11])
+    with pytest.raises(ValueError, match="not a directory"):
+        resolve_resume(tmp_path / "r", str(tmp_path / "r" / "checkpoint-12"))
     rotate_step_checkpoints(tmp_path / "r", 2, None)
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint-10", "checkpoint-11"]
 
