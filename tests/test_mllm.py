@@ -302,3 +302,214 @@ def test_added_image_token_rows_are_the_mean_so_rebuilds_match():
         assert a.weight.shape[0] == len(tok)
         torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
         torch.testing.assert_close(a.weight[tid], a.weight[:tid].mean(0))
+
+
+# ------------------------------------------------------- issue 25: silent wrong training signal
+_CHAT = ("{% for m in messages %}{{ '<|u|>' if m['role'] == 'user' else '<|a|>' }}"
+         "{{ m['content'] }}<|e|>{% endfor %}{% if add_generation_prompt %}<|a|>{% endif %}")
+_END = {"plain": "</s>", "vicuna_v1": "</s>", "llava_llama_2": "</s>", "mistral_instruct": "</s>",
+        "chatml": "<|im_end|>", "llama_3": "<|eot_id|>", "chat_template": "<|e|>"}
+
+
+@pytest.mark.parametrize("name", list(_END))
+def test_image_positions_never_carry_labels_wherever_the_placeholder_stands(model, name):
+    """An <image> inside an assistant turn (alone, next to one in the question, in a later
+    answer) is never a target: LLaVA ignores image positions always. The trained tokens are the
+    answers' words (the placeholder removed) and each answer's end, in order."""
+    from models.mllm.conversation import TEMPLATE_NAMES
+    assert set(_END) == set(TEMPLATE_NAMES)  # every template is covered
+    tok = _tok_with(model, "<|im_end|>", "<|eot_id|>", "<|u|>", "<|a|>", "<|e|>", "Yes", "No",
+                    "red", "it", "Here")
+    tok.chat_template = _CHAT
+    end = _END[name]
+    h, g = "human", "gpt"
+    convs = [([(h, "Describe it"), (g, "Here <image> it is red")],
+              ["Here", "it", "is", "red", end]),
+             ([(h, "<image>\nIs it red?"), (g, "Yes <image>")], ["Yes", end])]
+    if name != "plain":  # plain takes one question and one answer
+        convs.append(([(h, "Is it red?"), (g, "Yes"), (h, "<image> Is it blue?"),
+                       (g, "<image>No")], ["Yes", end, "No", end]))
+    for turns, want in convs:
+        conv = [{"from": f, "value": v} for f, v in turns]
+        n_ph = sum(v.count("<image>") for _, v in turns)
+        counts = [int(c) for c in torch.randint(1, 6, (n_ph,))]
+        enc = tokenize_conversation(tok, conv, image_token_id=model.image_token_id,
+                                    num_image_tokens=counts, template=name)
+        ids, labels = enc["input_ids"], enc["labels"]
+        is_image = [i == model.image_token_id for i in ids]
+        assert sum(is_image) == sum(counts), (name, turns)
+        assert all(lab == IGNORE_INDEX for lab, im in zip(labels, is_image) if im), (name, turns)
+        trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+        assert tok.convert_ids_to_tokens(trained) == want, (name, turns)
+
+
+def _first_label(enc):
+    return next(k for k, lab in enumerate(enc["labels"]) if lab != IGNORE_INDEX)
+
+
+def test_records_whose_answers_max_length_cuts_off_are_skipped_at_build(model, tmp_path):
+    """A record whose first answer token lies at or past max_length would train on nothing:
+    skipped when the dataset is built, counted, reported once; a dataset where every record is
+    so is an error naming model_max_length. The boundary is exact: one position more keeps the
+    record with exactly one trained token."""
+    import random as _r
+    data = write_toy_dataset(tmp_path, 5, seed=_r.randrange(10**6))
+    recs = json.loads(data.read_text())
+    long = _r.randrange(1, len(recs))
+    recs[long]["conversations"][0]["value"] += " the square" * _r.randint(5, 20)
+    data.write_text(json.dumps(recs))
+    first = [_first_label(tokenize_conversation(
+        model.tokenizer, r["conversations"], image_token_id=model.image_token_id,
+        num_image_tokens=model.num_visual_tokens)) for r in recs]
+    assert first[long] > max(f for i, f in enumerate(first) if i != long)
+    with pytest.warns(UserWarning, match=rf"1 bad record\(s\) of 5 skipped: record {long} "
+                      rf"\(id {long}\): max_length={first[long]} .*no answer token"):
+        ds = _dataset(model, data, max_length=first[long])
+    assert len(ds) == 4 and len(ds.bad_records) == 1 and long not in [r["id"] for r in ds.records]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to find when read
+        items = [ds[i] for i in range(len(ds))]
+    assert all(any(lab != IGNORE_INDEX for lab in it["labels"]) for it in items)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = _dataset(model, data, max_length=first[long] + 1)
+    item = kept[long]
+    assert item["id"] == long and len(item["input_ids"]) == first[long] + 1
+    assert [lab for lab in item["labels"] if lab != IGNORE_INDEX] == [item["input_ids"][-1]]
+    with pytest.raises(ValueError, match=f"record {long}.*max_length"):
+        _dataset(model, data, max_length=first[long], strict=True)
+    with pytest.raises(ValueError, match=r"model_max_length.*no answer token.*every record"):
+        _dataset(model, data, max_length=min(first))
+    # an answer that starts with its image: max_length right after the image tokens keeps every
+    # image token and no answer token
+    recs[0]["conversations"] = [{"from": "human", "value": "What color is the square?"},
+                                {"from": "gpt", "value": "<image> the square is red"}]
+    data.write_text(json.dumps(recs[:1]))
+    enc = tokenize_conversation(model.tokenizer, recs[0]["conversations"],
+                                image_token_id=model.image_token_id,
+                                num_image_tokens=model.num_visual_tokens)
+    at = _first_label(enc)
+    assert enc["input_ids"][at - 1] == model.image_token_id  # right after the image run
+    with pytest.raises(ValueError, match=rf"max_length={at} \(--model_max_length\) leaves no "
+                                         rf"answer token in every record"):
+        _dataset(model, data, max_length=at)
+    labels = _dataset(model, data, max_length=at + 1)[0]["labels"]
+    assert sum(lab != IGNORE_INDEX for lab in labels) == 1
+
+
+def test_records_bad_only_when_read_are_caught_at_build_and_reported_once(model, tmp_path):
+    """Conversations that used to fail only when read (first turn from gpt, a system turn, an
+    unknown role, two user turns in a row) are found when the dataset is built: counted, named
+    in the one report, and never warned about again when read. A record that still fails when
+    read (an undecodable image) is warned about once and counted, not once per epoch."""
+    data = write_toy_dataset(tmp_path, 4, seed=5)
+    recs = json.loads(data.read_text())
+    q, a = recs[0]["conversations"]
+    bad = [("gpt-first", [a, q]), ("system", [{"from": "system", "value": "Be brief."}, q, a]),
+           ("bot", [q, {"from": "bot", "value": "red"}]),
+           ("two-humans", [q, {"from": "human", "value": "Is it red?"}, a])]
+    recs += [{"id": i, "image": "0.png", "conversations": c} for i, c in bad]
+    data.write_text(json.dumps(recs))
+    with pytest.warns(UserWarning) as caught:
+        ds = _dataset(model, data)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and msgs[0].startswith("4 bad record(s) of 8 skipped"), msgs
+    for i, _ in bad:
+        assert f"id {i!r}" in msgs[0], i
+    assert "alternate" in msgs[0] and "'system'" in msgs[0] and "'bot'" in msgs[0]
+    assert len(ds) == 4 and len(ds.bad_records) == 4
+    (tmp_path / "images" / "2.png").write_bytes(b"not a png")
+    for epoch in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got = [ds[i]["id"] for i in range(len(ds))]
+        assert got == [0, 1, 3, 3], got  # record 2 served by the next one
+        assert len(seen) == (1 if epoch == 0 else 0), [str(w.message) for w in seen]
+        assert len(ds.bad_records) == 5
+    with pytest.raises(ValueError, match="4 bad record"):
+        _dataset(model, data, strict=True)
+
+
+def test_chat_template_without_one_is_a_configuration_error(model, toy):
+    assert not getattr(model.tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match=r"--version chat_template.*no chat_template"):
+        _dataset(model, toy, template="chat_template")
+
+
+def test_modality_lengths_are_never_zero(model, tmp_path):
+    recs = [{"id": 0, "conversations": [{"from": "human", "value": ""},
+                                        {"from": "gpt", "value": ""}]},
+            {"id": 1, "conversations": [{"from": "human", "value": "What color"},
+                                        {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    ds = _dataset(model, tmp_path / "d.json")
+    assert ds.modality_lengths == [-1, -3]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(lengths=st.lists(st.integers(-40, 40), min_size=1, max_size=60),
+       per_device=st.integers(1, 5), world=st.integers(1, 4), epoch=st.integers(0, 3),
+       seed=st.integers(0, 2**31))
+def test_modality_grouped_sampler_yields_every_record_once_per_epoch(lengths, per_device, world,
+                                                                     epoch, seed):
+    """Length estimates of 0 included (text): each epoch the sampler yields every index exactly
+    once (len(sampler) of them); sharded as accelerate shards Trainer's batches (rank r takes
+    every world-th per-device batch), the ranks' k-th batches cut from full runs are together
+    one modality (every rank runs the tower, or none: ZeRO-3 needs that), and the ranks
+    together see every record."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+    from models.mllm.trainer import ModalityGroupedSampler
+    s = ModalityGroupedSampler(lengths, per_device * world, seed)
+    s.set_epoch(epoch)
+    order = list(s)
+    assert len(order) == len(s) == len(lengths)
+    assert sorted(order) == list(range(len(lengths)))
+    image = [n > 0 for n in lengths]
+    run = per_device * world
+    n_full = sum(image) // run + (len(lengths) - sum(image)) // run
+    shards = [list(BatchSamplerShard(BatchSampler(s, per_device, False), world, rank))
+              for rank in range(world)]
+    for k in range(n_full):
+        step = [i for shard in shards for i in shard[k]]
+        assert len(step) == run and len({image[i] for i in step}) == 1, (k, step)
+    assert {i for shard in shards for b in shard for i in b} == set(range(len(lengths)))
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(data=st.data())
+def test_build_time_truncation_check_agrees_with_full_tokenisation(model, data):
+    """truncation_problem (tokenises only up to the first target and the last image token)
+    decides exactly as the full tokenisation: image tokens past max_length -> image cut; else
+    the first target at or past it -> no answer token; else fine. Every template, <image> in
+    questions and answers, empty answers, max_length around every boundary."""
+    from models.mllm.conversation import TEMPLATE_NAMES, truncation_problem
+    tok = _tok_with(model, "<|im_end|>", "<|eot_id|>", "<|u|>", "<|a|>", "<|e|>", "Yes", "No",
+                    "red", "it", "Here")
+    tok.chat_template = _CHAT
+    name = data.draw(st.sampled_from(TEMPLATE_NAMES))
+    words = st.lists(st.sampled_from(["Yes", "No", "red", "it", "Here", "the", "<image>"]),
+                     max_size=6).map(" ".join)
+    rounds = 1 if name == "plain" else data.draw(st.integers(1, 3))
+    conv = [{"from": f, "value": data.draw(words)} for _ in range(rounds)
+            for f in ("human", "gpt")]
+    n_ph = sum(c["value"].count("<image>") for c in conv)
+    counts = data.draw(st.lists(st.integers(1, 4), min_size=n_ph, max_size=n_ph))
+    kw = dict(image_token_id=model.image_token_id, num_image_tokens=counts, template=name)
+    enc = tokenize_conversation(tok, conv, **kw)
+    ids, labels = enc["input_ids"], enc["labels"]
+    first = next(k for k, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    images = [k for k, i in enumerate(ids) if i == model.image_token_id]
+    limit = data.draw(st.sampled_from(sorted({1, first, first + 1, len(ids), len(ids) + 1,
+                                              *[k + d for k in images for d in (0, 1)]})))
+    got = truncation_problem(tok, conv, max_length=limit, **kw)
+    if images and images[-1] >= limit:
+        assert got is not None and "would truncate the image tokens" in got, (got, limit)
+    elif first >= limit:
+        assert got is not None and "leaves no answer token" in got, (got, limit)
+    else:
+        assert got is None, (got, limit)
+    assert truncation_problem(tok, conv, max_length=None, **kw) is None

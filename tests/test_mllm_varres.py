@@ -5,6 +5,7 @@ code, as tests/test_mllm.py."""
 import json
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -291,15 +292,18 @@ def test_sample_errors_name_the_record_and_field(model, tmp_path):
     for want in ("record 0 (id 'ph'): 1 <image> placeholder(s) but 2 image(s) in 'image'",
                  "record 1 (id 'vph'): 'video': 2 <image> placeholder(s)",
                  "record 2 (id 'gone'): missing file(s): video[1] 'clip/3.png'",
-                 "record 3 (id 'both'): has both 'image' and 'video'"):
+                 "record 3 (id 'both'): has both 'image' and 'video'",
+                 # found when the dataset is built (the image's header), not when read
+                 "record 4 (id 'thin'): image[0] 'thin.png': a 400x2 image does not fit "
+                 "max_pixels=64"):
         assert want in msg, msg
     (tmp_path / "bad.json").write_text(json.dumps(recs[4:]))
-    strict = _native(model, tmp_path / "bad.json", tmp_path, max_pixels=64, strict=True)
-    with pytest.raises(ValueError, match=r"record 0 \(id 'thin'\): image\[0\] 'thin.png': a "
-                                         r"400x2 image does not fit max_pixels=64"):
-        strict[0]
-    with pytest.warns(UserWarning, match=r"record 0 \(id 'thin'\): image\[0\]"):
-        assert _native(model, tmp_path / "bad.json", tmp_path, max_pixels=64)[0]["id"] == "ok"
+    with pytest.warns(UserWarning, match=r"1 bad record\(s\) of 2 skipped: record 0 \(id "
+                      r"'thin'\): image\[0\]"):
+        ds = _native(model, tmp_path / "bad.json", tmp_path, max_pixels=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(ds) == 1 and ds[0]["id"] == "ok"
     with pytest.raises(ValueError, match="image_aspect_ratio applies to image_resize='fixed'"):
         _native(model, tmp_path / "bad.json", tmp_path, image_aspect_ratio="pad")
     with pytest.raises(ValueError, match="max_pixels applies"):
@@ -331,3 +335,32 @@ def test_flags_and_per_placeholder_counts():
                                              template=template)
     with pytest.raises(ValueError, match="lists 1 count"):
         tokenize_conversation(tok, conv, image_token_id=4, num_image_tokens=[3])
+
+
+def test_native_answer_cut_decided_at_build_with_each_images_own_count(model, tmp_path):
+    """Native images give grid-dependent token counts: the build-time check uses each image's
+    own count (from its header), so the boundary is exact: max_length at a record's first
+    answer position drops it (counted, reported), one more keeps it with one trained token."""
+    data, _ = _varres_data(tmp_path)
+    full = _native(model, data, tmp_path)
+    items = [full[i] for i in range(len(full))]
+    first = [next(k for k, lab in enumerate(it["labels"]) if lab != IGNORE_INDEX) for it in items]
+    counts = [sum(n for _, n in _runs(it["input_ids"], model.image_token_id)) for it in items]
+    assert len(set(counts)) > 1 and counts[0] != 2 * model.num_visual_tokens
+    k = 0  # two images of different sizes
+    for limit in (first[k], first[k] + 1):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ds = _native(model, data, tmp_path, max_length=limit)
+        cut = [i for i in range(len(items)) if first[i] >= limit]
+        assert [w for w, _ in ds.bad_records] == [f"record {i} (id {full.records[i]['id']!r})"
+                                                  for i in cut]
+        for (_, why), i in zip(ds.bad_records, cut):  # image tokens past the limit, or none
+            end = max(s + n for s, n in _runs(items[i]["input_ids"], model.image_token_id))
+            want = "would truncate the image tokens" if end > limit else "leaves no answer token"
+            assert f"max_length={limit} {want}" in why, (i, why)
+        assert len(seen) == bool(cut) and len(ds) == len(items) - len(cut)
+    assert k not in cut  # kept at first + 1, with exactly one trained token
+    it = ds[k]
+    assert len(it["input_ids"]) == first[k] + 1
+    assert [lab for lab in it["labels"] if lab != IGNORE_INDEX] == [it["input_ids"][-1]]

@@ -4,9 +4,11 @@ checkpoints, LoRA + export, DeepSpeed ZeRO-2 / ZeRO-3, torchrun."""
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -291,6 +293,10 @@ def test_deepspeed_zero3_partitioned_build_trains_and_resumes(disk, tmp_path):
                 deepspeed=str(REPO / "models/mllm/configs/zero3.json"))
     full = _run([sys.executable, "-c", _ZERO3], kw, _single_env())
     assert len(full["losses"]) == 4 and all(math.isfinite(x) for x in full["losses"])
+    from models.mllm.trainer import MANIFEST, verify_checkpoint
+    listed = json.loads((tmp_path / "z3" / "checkpoint-2" / MANIFEST).read_text())["files"]
+    assert any(n.startswith("global_step2/") and "optim_states" in n for n in listed), listed
+    verify_checkpoint(tmp_path / "z3" / "checkpoint-2")  # DeepSpeed's shards included
     want = _trainable(tmp_path / "z3")
     again = _run([sys.executable, "-c", _ZERO3],
                  {**kw, "resume_from_checkpoint": str(tmp_path / "z3" / "checkpoint-2")},
@@ -339,3 +345,217 @@ def test_native_resize_refused_under_multi_process_zero3(tmp_path, monkeypatch):
     T.parse_args(dict(data_path=str(tmp_path / "d.json"), output_dir=str(tmp_path / "o"),
                       image_resize="native"))
     assert calls == [("native", None, 1)]
+
+
+# ------------------------------------------------------------ issue 25: trainer guarantees
+def test_invalid_projector_kwargs_name_the_flag():
+    for bad in ("{bad json", "[1, 2]", '"pargo"'):
+        with pytest.raises(ValueError, match="--projector_kwargs"):
+            parse_args({"data_path": "x", "projector_kwargs": bad})
+        with pytest.raises(ValueError, match="--projector_kwargs"):
+            parse_args(["--data_path", "x", "--projector_kwargs", bad])
+
+
+def test_model_max_length_that_cuts_every_answer_is_an_error(disk, tmp_path):
+    """plain template: <s>, 49 image tokens, then the answer: 50 tokens keep every image token
+    and no answer token."""
+    with pytest.raises(ValueError, match=r"--model_max_length.*every record"):
+        train(_paths(disk, tmp_path, stage=1, max_steps=1, model_max_length=50))
+
+
+def _fake_checkpoint(run_dir, step, mtime):
+    """A checkpoint-N holding random bytes, finished (manifest written) as the trainer does."""
+    from models.mllm.trainer import write_manifest
+    d = Path(run_dir) / f"checkpoint-{step}"
+    (d / "global_step").mkdir(parents=True)
+    for name, n in (("trainable.pt", 3000), ("trainer_state.json", 200),
+                    ("global_step/zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000)):
+        (d / name).write_bytes(os.urandom(n))
+    write_manifest(d)
+    os.utime(d, (mtime, mtime))
+    return d
+
+
+def test_latest_checkpoint_is_the_newest_complete_by_step_number(tmp_path):
+    """checkpoint-10 comes after checkpoint-9 (numbers, not names or mtimes: here the mtimes say
+    otherwise). latest skips a damaged one (truncated, same size but other bytes, a file
+    missing, no or unreadable manifest) with a warning naming the checkpoint, the file and the
+    reason, and deletes nothing; naming a damaged checkpoint explicitly is an error naming the
+    file. Rotation (save_total_limit) keeps the highest steps."""
+    from models.mllm.trainer import (MANIFEST, resolve_resume, rotate_step_checkpoints,
+                                     verify_checkpoint)
+    ck = {s: _fake_checkpoint(tmp_path, s, 2e9 - s) for s in (2, 9, 10)}
+    assert latest_checkpoint(tmp_path) == str(ck[10])
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    damages = [  # (checkpoint, file, damage, message)
+        (10, "trainable.pt", "truncate", r"trainable\.pt.* bytes"),
+        (9, "trainer_state.json", "flip", r"trainer_state\.json.*sha256"),
+        (2, "global_step/zero_pp_rank_0_mp_rank_00_optim_states.pt", "delete", "missing"),
+    ]
+    for step, name, how, msg in damages:
+        f = ck[step] / name
+        if how == "truncate":
+            with open(f, "r+b") as fh:
+                fh.truncate(int(torch.randint(0, f.stat().st_size, (), generator=rng)))
+        elif how == "flip":
+            data = bytearray(f.read_bytes())
+            data[int(torch.randint(0, len(data), (), generator=rng))] ^= 0xFF
+            f.write_bytes(bytes(data))
+        else:
+            f.unlink()
+        with pytest.raises(ValueError, match=rf"checkpoint-{step}.*{msg}"):
+            verify_checkpoint(ck[step])
+        with pytest.raises(ValueError, match=msg):
+            resolve_resume(tmp_path, str(ck[step]))
+        left = [s for s in (2, 9, 10) if s < step]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got = latest_checkpoint(tmp_path)
+        assert got == (str(ck[max(left)]) if left else None)
+        msgs = [str(w.message) for w in seen]  # one per skipped checkpoint, newest first
+        assert len(msgs) == 3 - len(left) and re.search(
+            rf"skipping checkpoint .*checkpoint-{step}'.*{msg}", msgs[-1]), msgs
+    assert all(ck[s].is_dir() for s in ck)  # nothing deleted
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no complete checkpoint"):
+        resolve_resume(tmp_path, "latest")
+    good = {s: _fake_checkpoint(tmp_path / "r", s, 2e9 - s) for s in (9, 10, 11)}
+    (good[11] / MANIFEST).write_text("{not json")
+    with pytest.warns(UserWarning, match=rf"checkpoint-11.*{MANIFEST}"):
+        assert resolve_resume(tmp_path / "r", "latest") == str(good[10])
+    (good[11] / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=rf"checkpoint-11.*no {MANIFEST}"):
+        verify_checkpoint(good[11])
+    with pytest.warns(UserWarning, match=rf"checkpoint-11.*no {MANIFEST}"):
+        assert resolve_resume(tmp_path / "r", "latest") == str(good[10])
+    with pytest.warns(UserWarning, match="unverified"):  # named: another trainer's checkpoint
+        assert resolve_resume(tmp_path / "r", str(good[11])) == str(good[11])
+    with pytest.raises(ValueError, match="not a directory"):
+        resolve_resume(tmp_path / "r", str(tmp_path / "r" / "checkpoint-12"))
+    rotate_step_checkpoints(tmp_path / "r", 2, None)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint-10", "checkpoint-11"]
+
+
+def test_resume_latest_skips_a_truncated_checkpoint_and_continues_exactly(stage1, disk, tmp_path):
+    """Every checkpoint the trainer finished has a manifest of all its files (sizes, sha256);
+    with checkpoint-6's optimizer truncated, latest resumes from checkpoint-4 and ends with the
+    uninterrupted run's losses and weights; naming checkpoint-6 is an error naming the file."""
+    import shutil
+    from models.mllm.trainer import MANIFEST, verify_checkpoint
+    out0, res0 = stage1
+    man = json.loads((out0 / "checkpoint-2" / MANIFEST).read_text())
+    for name in ("trainable.pt", "projector.pt", "optimizer.pt", "scheduler.pt",
+                 "rng_state.pth", "trainer_state.json", "run_config.json"):
+        assert man["files"][name]["size"] == (out0 / "checkpoint-2" / name).stat().st_size
+    out = tmp_path / "copy"
+    shutil.copytree(out0, out)
+    opt = out / "checkpoint-6" / "optimizer.pt"
+    with open(opt, "r+b") as f:
+        f.truncate(opt.stat().st_size - 1)
+    kw = _paths(disk, out, stage=1, max_steps=6, save_steps=2, learning_rate=1e-2)
+    with pytest.raises(ValueError, match=r"checkpoint-6.*optimizer\.pt"):
+        train({**kw, "resume_from_checkpoint": str(out / "checkpoint-6")})
+    with pytest.warns(UserWarning, match=r"skipping .*checkpoint-6.*optimizer\.pt"):
+        res = train({**kw, "resume_from_checkpoint": "latest"})
+    assert res["losses"] == res0["losses"][4:]
+    for k, v in _trainable(out0).items():
+        assert torch.equal(v, _trainable(out)[k]), k
+    verify_checkpoint(out / "checkpoint-6")  # saved again, complete
+
+
+def test_unfrozen_vision_tower_receives_its_gradient(disk, tmp_path):
+    """--unfreeze_mm_vision_tower: the tower's parameters train (in the optimizer) and the loss
+    gradient reaches them: autograd's directional derivative along a random direction equals a
+    central finite difference, in float64."""
+    margs, _, targs = parse_args(_paths(disk, tmp_path, stage=1, unfreeze_mm_vision_tower=True))
+    model = build_model(margs, targs).double()
+    tower = [p for p in model.vision_tower.parameters()]
+    assert all(p.requires_grad for p in tower)
+    ds = LLaVADataset(disk["data"], disk["images"], model.tokenizer, model.image_processor,
+                      image_token_id=model.image_token_id,
+                      num_image_tokens=model.num_visual_tokens, template="plain")
+    b = Collator(model.tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    b["pixel_values"] = b["pixel_values"].double()
+    trainer = MLLMTrainer(model=model, args=targs, train_dataset=ds)
+    in_opt = {id(p) for g in trainer.create_optimizer().param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in tower)
+    model.zero_grad()
+    model.train(False)
+
+    def loss_fn():  # float64 token mean (the model's own loss upcasts logits to float32 only)
+        logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])["logits"]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                 b["labels"][:, 1:].flatten())
+
+    loss_fn().backward()
+    # the layers after --mm_vision_select_layer (-2) and the post-layernorm get no gradient
+    used = model.vision_tower.encoder.layers[0].parameters()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in used)
+    assert model.vision_tower.embeddings.patch_embedding.weight.grad.abs().max() > 0
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))  # Trainer seeds
+    dirs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in tower]
+    got = sum((p.grad * d).sum() for p, d in zip(tower, dirs) if p.grad is not None)
+    def central(eps):
+        diff = []
+        with torch.no_grad():
+            for sign in (1, -1):
+                for p, d in zip(tower, dirs):
+                    p.add_(sign * eps * d)
+                diff.append(loss_fn())
+                for p, d in zip(tower, dirs):
+                    p.sub_(sign * eps * d)
+        return (diff[0] - diff[1]) / (2 * eps)
+
+    # Richardson: (4 D(h/2) - D(h)) / 3 cancels the h^2 term. Llama's RMSNorm and rotary run in
+    # float32 even in a float64 model, which puts a ~1e-7 noise floor on the loss: h = 4e-4
+    # keeps it (and the h^4 term) near 5e-6 relative, measured; 1e-4 allows a 20x margin
+    want = (4 * central(2e-4) - central(4e-4)) / 3
+    assert abs(float(want)) > 1e-3
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_half_precision_model_given_in_python_trains_fp32_masters(disk, tmp_path):
+    """train(model=) with an fp16 MLLM built in code: what trains (projector, LLM) is fp32,
+    the frozen tower is cast to bf16 under --bf16, the saved trainable tensors are fp32."""
+    torch.manual_seed(0)
+    model = MLLM.build(**tiny_components(TOY_WORDS), projector="mlp2x_gelu").half()
+    res = train(dict(data_path=disk["data"], image_folder=disk["images"],
+                     output_dir=str(tmp_path / "h"), stage=2, max_steps=1, bf16=True,
+                     save_strategy="no", learning_rate=1e-3, **STEPS), model=model)
+    assert math.isfinite(res["losses"][0])
+    for n, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad else torch.bfloat16
+        assert p.dtype == want, (n, p.dtype)
+    assert any(p.requires_grad for p in model.llm.parameters())
+    assert all(v.dtype == torch.float32 for v in _trainable(tmp_path / "h").values())
+
+
+@pytest.mark.parametrize("projector_lr", [None, 1e-4])
+def test_no_weight_decay_on_biases_and_norm_weights(disk, tmp_path, projector_lr):
+    """weight_decay 0.1, the whole LLM, projector and tower training: the optimizer's actual
+    groups decay every weight matrix and no bias or norm weight (LayerNorm, RMSNorm), with
+    Trainer's groups and with ours (--mm_projector_lr)."""
+    kw = _paths(disk, tmp_path, stage=2, weight_decay=0.1, unfreeze_mm_vision_tower=True,
+                projector="pargo", projector_kwargs=json.dumps(
+                    {"n_partial": 4, "n_global": 1, "hidden": 32, "heads": 2,
+                     "intermediate": 64, "impl": "reference"}))
+    if projector_lr is not None:
+        kw["mm_projector_lr"] = projector_lr
+    margs, dargs, targs = parse_args(kw)
+    model = build_model(margs, targs)
+    trainer = MLLMTrainer(model=model, args=targs, train_dataset=[0])
+    wd = {}
+    for g in trainer.create_optimizer().param_groups:
+        for p in g["params"]:
+            assert id(p) not in wd
+            wd[id(p)] = g["weight_decay"]
+    modules = dict(model.named_modules())
+    kinds = set()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in wd, n
+            continue
+        owner = type(modules[n.rsplit(".", 1)[0]]).__name__
+        exempt = n.endswith(".bias") or "norm" in owner.lower()
+        kinds.add((owner if "norm" in owner.lower() else "bias" if exempt else "weight"))
+        assert wd[id(p)] == (0.0 if exempt else 0.1), (n, owner, wd[id(p)])
+    assert {"LayerNorm", "LlamaRMSNorm", "bias", "weight"} <= kinds, kinds

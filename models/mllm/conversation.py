@@ -10,9 +10,10 @@ them), and ``chat_template``: the tokenizer's own Jinja chat template (``apply_c
 rendered turn by turn.
 
 Labels are ``-100`` everywhere except on the assistant answers and the token that closes each
-answer (``</s>``, ``<|im_end|>``, ``<|eot_id|>``: what LLaVA trains on). The text is tokenised one
-segment (prompt part / answer) at a time, so the label mask is exact by construction rather than
-recovered from string offsets.
+answer (``</s>``, ``<|im_end|>``, ``<|eot_id|>``: what LLaVA trains on). Image positions never
+carry a label, wherever their ``<image>`` stands (in an answer too: LLaVA ignores image
+positions always). The text is tokenised one segment (prompt part / answer) at a time, so the
+label mask is exact by construction rather than recovered from string offsets.
 
 ``<image>`` in the text becomes ``num_image_tokens`` copies of the image token id (one count for
 all, or one per placeholder when the images differ in size; the model overwrites their
@@ -21,6 +22,7 @@ padding is a plain pad.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
@@ -105,7 +107,9 @@ def get_template(name: str) -> ConversationTemplate | None:
     return TEMPLATES[name]
 
 
-def _normalise_turns(conversations) -> list[str]:
+def normalise_turns(conversations) -> list[str]:
+    """The turns' texts; ``ValueError`` unless they alternate human / gpt from a human turn
+    (``from`` one of :data:`_ROLES`: a ``system`` turn or an unknown role is refused)."""
     if not isinstance(conversations, list) or not conversations:
         raise ValueError(f"conversations must be a non-empty list, got {conversations!r}")
     turns = []
@@ -124,34 +128,38 @@ def _normalise_turns(conversations) -> list[str]:
     return turns
 
 
-def _encode_text(tokenizer, text: str, image_token_id: int, counts) -> list[int]:
-    """Token ids of ``text`` with each ``<image>`` expanded to ``next(counts)`` ids."""
+def _encode_text(encode, text: str, image_token_id: int, counts) -> tuple[list[int], list[bool]]:
+    """``(ids, is_image)`` of ``text``, each ``<image>`` expanded to ``next(counts)`` ids."""
     ids: list[int] = []
+    is_image: list[bool] = []
     for j, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if j > 0:
-            ids += [image_token_id] * next(counts)
+            n = next(counts)
+            ids += [image_token_id] * n
+            is_image += [True] * n
         if part:
-            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
-    return ids
+            t = encode(part)
+            ids += t
+            is_image += [False] * len(t)
+    return ids, is_image
 
 
-def _chat_template_segments(tokenizer, turns: list[str]) -> list[tuple[str, bool]]:
+def _chat_template_segments(tokenizer, turns: list[str]):
     """The tokenizer's chat template rendered after each turn; each turn's segment is what it
     adds (user turns with the generation prompt, so the assistant header is not trained)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("template 'chat_template' needs a tokenizer with a chat_template")
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": m}
             for i, m in enumerate(turns)]
-    out, prev = [], ""
-    for i in range(len(msgs)):
+    prev = ""
+    for i in range(len(msgs)):  # a generator: a caller may stop after the first turns
         text = tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False,
                                              add_generation_prompt=i % 2 == 0)
         if not text.startswith(prev):
             raise ValueError("the tokenizer's chat template does not render a conversation as "
                              "a prefix of its continuation; pick a --version template instead")
-        out.append((text[len(prev):], i % 2 == 1))
+        yield text[len(prev):], i % 2 == 1
         prev = text
-    return out
 
 
 def _placeholder_counts(num_image_tokens, n_placeholders: int) -> list[int]:
@@ -171,6 +179,43 @@ def _placeholder_counts(num_image_tokens, n_placeholders: int) -> list[int]:
     return counts
 
 
+def _segments(tokenizer, turns: list[str], template: str, for_generation: bool):
+    """The conversation as ``(text, trained)`` segments, in order, lazily (a caller may stop
+    early): ``text`` a string (``<image>`` placeholders in it), None for the eos token, or a
+    list of token ids (the bos)."""
+    tmpl = get_template(template)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer must have an eos_token")
+    if tokenizer.bos_token_id is not None and template != "chat_template" \
+            and (tmpl is None or tmpl.bos):
+        yield [tokenizer.bos_token_id], False
+    if template == "plain":  # <image>s + the first answer, as LLaVA's stage-1 pretraining
+        if len(turns) < 2 and not for_generation:
+            raise ValueError("the plain template needs a question turn and an answer turn")
+        yield IMAGE_PLACEHOLDER * turns[0].count(IMAGE_PLACEHOLDER), False
+        if not for_generation:
+            yield turns[1], True
+            yield None, True
+    elif tmpl is None:
+        yield from _chat_template_segments(tokenizer, turns)
+    else:
+        yield from tmpl.segments(turns)
+
+
+def _pieces(tokenizer, turns: list[str], *, image_token_id: int, counts: list[int],
+            template: str, for_generation: bool):
+    """:func:`_segments` tokenised: ``(ids, is_image, trained)``."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    count_iter = iter(counts)
+    for text, train in _segments(tokenizer, turns, template, for_generation):
+        if text is None:
+            yield [tokenizer.eos_token_id], [False], train
+        elif isinstance(text, list):
+            yield text, [False] * len(text), train
+        else:
+            yield (*_encode_text(encode, text, image_token_id, count_iter), train)
+
+
 def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_image_tokens,
                           template: str = "vicuna_v1", max_length: int | None = None,
                           for_generation: bool = False) -> dict:
@@ -180,41 +225,26 @@ def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_
     placeholder alike) or a list with one count per placeholder, in order of appearance
     (images of different sizes; a video's placeholder stands for all its frames).
 
-    Returns ``{"input_ids": list[int], "labels": list[int], "num_images": int}``. With
-    ``for_generation=True`` the last gpt turn (if any) is dropped and the prompt ends with the
-    assistant's header. ``max_length`` truncates from the right; a truncation that would cut
-    into the image tokens raises ``ValueError`` (the dataset reports and skips such records).
+    Returns ``{"input_ids": list[int], "labels": list[int], "num_images": int}``; image
+    positions are never labelled. With ``for_generation=True`` the last gpt turn (if any) is
+    dropped and the prompt ends with the assistant's header. ``max_length`` truncates from the
+    right; a truncation that would cut into the image tokens raises ``ValueError`` (the dataset
+    finds such records when it is built: :func:`truncation_problem`).
     """
-    turns = _normalise_turns(conversations)
+    turns = normalise_turns(conversations)
     if for_generation and len(turns) % 2 == 0:
         turns = turns[:-1]
-    tmpl = get_template(template)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("tokenizer must have an eos_token")
+    get_template(template)
     num_images = sum(msg.count(IMAGE_PLACEHOLDER) for msg in turns)
     counts = _placeholder_counts(num_image_tokens, num_images)
-    count_iter = iter(counts)
-    enc = lambda s: _encode_text(tokenizer, s, image_token_id, count_iter)  # noqa: E731
-    bos = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None
-           and template != "chat_template" and (tmpl is None or tmpl.bos) else [])
-    input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-
-    def add(ids, train):
-        input_ids.extend(ids)
-        labels.extend(ids if train else [IGNORE_INDEX] * len(ids))
-
-    if template == "plain":  # <image>s + the first answer, as LLaVA's stage-1 pretraining
-        if len(turns) < 2 and not for_generation:
-            raise ValueError("the plain template needs a question turn and an answer turn")
-        add(enc(IMAGE_PLACEHOLDER * turns[0].count(IMAGE_PLACEHOLDER)), False)
-        if not for_generation:
-            add(enc(turns[1]) + [eos], True)
-    else:
-        segs = (_chat_template_segments(tokenizer, turns) if tmpl is None
-                else tmpl.segments(turns))
-        for text, train in segs:
-            add([eos] if text is None else enc(text), train)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, is_image, train in _pieces(tokenizer, turns, image_token_id=image_token_id,
+                                        counts=counts, template=template,
+                                        for_generation=for_generation):
+        input_ids += ids
+        labels += ([IGNORE_INDEX if im else t for t, im in zip(ids, is_image)] if train
+                   else [IGNORE_INDEX] * len(ids))
     if max_length is not None and len(input_ids) > max_length:
         kept = input_ids[:max_length].count(image_token_id)
         if kept != input_ids.count(image_token_id):
@@ -222,3 +252,58 @@ def tokenize_conversation(tokenizer, conversations, *, image_token_id: int, num_
                              f"(sequence of {len(input_ids)} tokens)")
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels, "num_images": num_images}
+
+
+def truncation_problem(tokenizer, conversations, *, image_token_id: int, num_image_tokens,
+                       template: str = "vicuna_v1", max_length: int | None = None,
+                       encode=None) -> str | None:
+    """Why :func:`tokenize_conversation` with ``max_length`` would give a useless or an invalid
+    item, or None: no answer token left (the first trained position at or past
+    ``max_length``), or image tokens cut. Raises ``ValueError`` like it for a malformed
+    conversation. Tokenises only what decides it: the text before the first answer, and on up
+    to the last image token (an answer without ``<image>`` is not tokenised when no image
+    follows it), so that it runs on every record when a dataset is built. ``encode`` (``text
+    -> ids``) may be a cached tokenizer call."""
+    turns = normalise_turns(conversations)
+    get_template(template)
+    counts = _placeholder_counts(num_image_tokens,
+                                 sum(msg.count(IMAGE_PLACEHOLDER) for msg in turns))
+    if encode is None:
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    count_iter = iter(counts)
+    images_left, pos, first = sum(counts), 0, None
+    limit = math.inf if max_length is None else max_length
+    segs = _segments(tokenizer, turns, template, for_generation=False)
+    if template != "chat_template":
+        segs = list(segs)  # string formatting only; the look-ahead below needs the next one
+    for k, (text, train) in enumerate(segs):
+        if train and first is None and isinstance(text, str) and IMAGE_PLACEHOLDER not in text \
+                and template != "chat_template" and segs[k + 1][1] \
+                and (segs[k + 1][0] is None or len(encode(segs[k + 1][0])) > 0):
+            # an answer without <image>, then its end (eos or the template's end text, at least
+            # one token, trained): the first target is here, whatever the answer's tokens
+            first = pos
+            if images_left == 0 or first >= limit:
+                break
+        if text is None:
+            ids, is_image = [tokenizer.eos_token_id], [False]
+        elif isinstance(text, list):
+            ids, is_image = text, [False] * len(text)
+        else:
+            ids, is_image = _encode_text(encode, text, image_token_id, count_iter)
+        if train and first is None:
+            first = next((pos + j for j, im in enumerate(is_image) if not im), None)
+        images_left -= sum(is_image[:max(0, min(len(ids), limit - pos))])
+        pos += len(ids)
+        if pos >= limit or (first is not None and images_left == 0):
+            break
+    if images_left:
+        return (f"max_length={max_length} would truncate the image tokens (--model_max_length; "
+                f"{images_left} of {sum(counts)} image tokens past it)")
+    if first is None and pos < limit:
+        return "no answer token: nothing to train on"
+    if first is None or first >= limit:
+        at = f"at position {first}" if first is not None else f"past position {pos - 1}"
+        return (f"max_length={max_length} leaves no answer token (--model_max_length; the "
+                f"first is {at}): nothing to train on")
+    return None

@@ -20,18 +20,25 @@ their ``visual_grids`` ``(H_i / patch, W_i / patch)``, and each image's token co
 projector's ``tokens_for_grid`` of its grid.
 
 One policy for bad data: every record is checked when the dataset is built (malformed JSON line,
-not a dict, missing / malformed ``conversations``, malformed image / video field, both given,
+not a dict, missing / malformed ``conversations``, turns that do not alternate human / gpt from
+a human turn (a ``system`` turn, an unknown role), malformed image / video field, both given,
 ``<image>`` count not matching the images (one per image, one per video), a one-turn record
-(nothing to train on), missing image / frame file). A bad record is skipped and counted, and
-ONE warning at the end of construction names each (record index and id or line, field, reason);
-``strict=True`` raises ``ValueError`` with the same report instead. A record that passes but
-fails when read (an image that cannot be decoded or that the native policy cannot fit, a
-sequence that ``max_length`` would cut into its image tokens) raises ``ValueError`` naming the
-record and field when read; the dataset reports it in a warning and serves the next good
-record instead (``strict=True``: the error propagates).
+(nothing to train on), missing image / frame file; under the native policy an image whose
+header cannot be read or whose aspect ratio it cannot fit; and, tokenised up to its first
+answer token and its last image token, a record whose answers ``max_length`` would cut off
+entirely (no token to train on) or whose image tokens it would cut). A bad record is skipped
+and counted in ``bad_records``, and ONE warning at the end of construction names each (record
+index and id or line, field, reason); ``strict=True`` raises ``ValueError`` with the same
+report instead; a dataset left with no record is an error (naming ``--model_max_length`` when
+that is why). What can only fail when read (an image that cannot be decoded) raises
+``ValueError`` naming the record and field; the dataset warns once for that record, adds it
+to ``bad_records`` and serves the next good record, then and on every later read of it
+(``strict=True``: the error propagates). The chat_template template needs a tokenizer with a
+chat template: a ``ValueError`` at construction otherwise.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +49,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, get_template, tokenize_conversation
+from .conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATE_NAMES, get_template,
+                           tokenize_conversation, truncation_problem)
 
 _MAX_REPORTED = 20
 
@@ -122,7 +130,9 @@ def record_visuals(rec: dict, image_folder: Path | None) -> tuple[str, list[str]
 
 
 def record_problem(rec, image_folder: Path | None, template: str) -> str | None:
-    """Why ``rec`` cannot be trained on, or None when it can (cheap checks, no decoding)."""
+    """Why ``rec`` cannot be trained on, or None when it can (cheap checks, no decoding; the
+    turns' roles and lengths are checked by the dataset, with the tokenizer:
+    :func:`~models.mllm.conversation.truncation_problem`)."""
     if not isinstance(rec, dict):
         return f"not a dict ({type(rec).__name__})"
     conv = rec.get("conversations")
@@ -205,11 +215,12 @@ class LLaVADataset(Dataset):
     W_i / patch)``. A video's frames count as its images (module docstring).
 
     ``bad_records`` lists ``(where, reason)`` of the records skipped at construction
-    (``where`` = "record I" or "line N"); ``modality_lengths`` is a length estimate per record
-    (``num_image_tokens`` per image or frame), positive with images and negative without (for
-    ``--group_by_modality_length``). ``image_aspect_ratio`` (fixed policy only; None = "pad"):
-    ``"pad"`` (LLaVA-1.5: pad to a square with the processor's mean colour, then the processor)
-    or ``"crop"`` (the processor alone: resize + centre crop).
+    (``where`` = "record I" or "line N"), then of those that failed when read (each once);
+    ``modality_lengths`` is a length estimate per record (words + the image tokens), positive
+    with images and negative without, never 0 (for ``--group_by_modality_length``).
+    ``image_aspect_ratio`` (fixed policy only; None = "pad"): ``"pad"`` (LLaVA-1.5: pad to a
+    square with the processor's mean colour, then the processor) or ``"crop"`` (the processor
+    alone: resize + centre crop).
     """
 
     def __init__(self, data, image_folder, tokenizer, image_processor, *, image_token_id: int,
@@ -242,48 +253,105 @@ class LLaVADataset(Dataset):
                 raise ValueError("image_resize='native' needs tokens_for_grid (the model's "
                                  "packed_tokens_for_grid)")
         get_template(template)  # validates the name
-        records, bad = load_llava_json(data)
-        total = len(records) + len(bad)
+        if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"template 'chat_template' (--version chat_template) renders with "
+                             f"the tokenizer's own chat template, and this tokenizer has no "
+                             f"chat_template: pick another --version "
+                             f"({', '.join(t for t in TEMPLATE_NAMES if t != 'chat_template')})")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer must have an eos_token (it closes every answer)")
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        kept, visuals, where = [], [], []
-        for i, rec in enumerate(records):
-            where_i = f"record {i}"
-            if isinstance(rec, dict) and rec.get("id") is not None:
-                where_i += f" (id {rec['id']!r})"
-            why = record_problem(rec, self.image_folder, template)
-            if why is None:
-                kept.append(rec)
-                visuals.append(record_visuals(rec, self.image_folder))
-                where.append(where_i)
-            else:
-                bad.append((where_i, why))
-        self.bad_records = bad
-        if bad:
-            listed = "; ".join(f"{w}: {r}" for w, r in bad[:_MAX_REPORTED])
-            report = (f"{len(bad)} bad record(s) of {total} skipped: " + listed
-                      + (" ..." if len(bad) > _MAX_REPORTED else ""))
-            if strict:
-                raise ValueError(report)
-            warnings.warn(report + f" ({len(kept)} records left)", stacklevel=2)
-        if not kept:
-            raise ValueError("the dataset has no usable records")
-        self.records, self._visuals, self._where = kept, visuals, where
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_token_id, self.num_image_tokens = int(image_token_id), int(num_image_tokens)
         self.template, self.max_length = template, max_length
         self.image_aspect_ratio, self.image_resize = image_aspect_ratio, image_resize
         self.max_pixels, self.patch_size = max_pixels, patch_size
         self.tokens_for_grid, self.strict = tokens_for_grid, strict
+        records, bad = load_llava_json(data)
+        total = len(records) + len(bad)
+        # the constant text parts (system prompt, template headers) are tokenised once
+        encode = functools.lru_cache(maxsize=4096)(
+            lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        kept, visuals, where, tokens, n_cut = [], [], [], [], 0
+        for i, rec in enumerate(records):
+            where_i = f"record {i}"
+            if isinstance(rec, dict) and rec.get("id") is not None:
+                where_i += f" (id {rec['id']!r})"
+            why = record_problem(rec, self.image_folder, template)
+            if why is None:
+                vis = record_visuals(rec, self.image_folder)
+                try:
+                    counts = self._build_counts(*vis)
+                    why = truncation_problem(tokenizer, rec["conversations"],
+                                             image_token_id=self.image_token_id,
+                                             num_image_tokens=counts, template=template,
+                                             max_length=max_length, encode=encode)
+                except ValueError as e:
+                    why = str(e)
+                n_cut += why is not None and "leaves no answer token" in why
+            if why is None:
+                kept.append(rec)
+                visuals.append(vis)
+                where.append(where_i)
+                tokens.append(sum(counts))
+            else:
+                bad.append((where_i, why))
+        self.bad_records = bad
+        report = None
+        if bad:
+            listed = "; ".join(f"{w}: {r}" for w, r in bad[:_MAX_REPORTED])
+            report = (f"{len(bad)} bad record(s) of {total} skipped: " + listed
+                      + (" ..." if len(bad) > _MAX_REPORTED else ""))
+            if strict:
+                raise ValueError(report)
+        if not kept:
+            if n_cut == total:
+                raise ValueError(f"max_length={max_length} (--model_max_length) leaves no answer "
+                                 f"token in every record ({total}): nothing to train on; "
+                                 f"raise --model_max_length. {report}")
+            raise ValueError(f"the dataset has no usable records ({n_cut} with no answer token "
+                             f"within max_length={max_length}, --model_max_length). {report}")
+        if report:
+            warnings.warn(report + f" ({len(kept)} records left)", stacklevel=2)
+        self.records, self._visuals, self._where = kept, visuals, where
+        self._image_tokens = tokens
+        self._failed: dict[int, str] = {}  # index -> why, for records that failed when read
+
+    def _build_counts(self, field: str, files: list[str]) -> list[int]:
+        """The image tokens of each ``<image>`` of a record, when the dataset is built: fixed
+        policy from ``num_image_tokens``; native from each image's size (its header only, no
+        decoding). A video's one placeholder stands for all its frames."""
+        if self.image_resize == "native":
+            from PIL import Image
+            counts = []
+            for j, name in enumerate(files):
+                try:
+                    with Image.open(self.image_folder / name) as im:
+                        size = im.size
+                except Exception as e:  # noqa: BLE001 - any unreadable header is a bad file
+                    raise ValueError(f"{field}[{j}] {name!r}: cannot read image: "
+                                     f"{type(e).__name__}: {e}") from e
+                try:
+                    w, h = native_size(*size, self.max_pixels, self.patch_size)
+                except ValueError as e:
+                    raise ValueError(f"{field}[{j}] {name!r}: {e}") from e
+                counts.append(int(self.tokens_for_grid((h // self.patch_size,
+                                                        w // self.patch_size))))
+        else:
+            counts = [self.num_image_tokens] * len(files)
+        return [sum(counts)] if field == "video" else counts
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def modality_lengths(self) -> list[int]:
+        """Per record: words + image tokens, positive with images, negative without (never 0:
+        the sign is the modality)."""
         out = []
-        for rec, (_, files) in zip(self.records, self._visuals):
+        for rec, (_, files), n_img in zip(self.records, self._visuals, self._image_tokens):
             n = sum(len(t["value"].split()) for t in rec["conversations"])
-            out.append(n + len(files) * self.num_image_tokens if files else -n)
+            out.append(n + n_img if files else -max(1, n))
         return out
 
     def _open(self, name: str):
@@ -353,10 +421,15 @@ class LLaVADataset(Dataset):
             return self.load(idx)
         for k in range(len(self)):
             j = (idx + k) % len(self)
+            if j in self._failed:  # reported when it first failed
+                continue
             try:
                 return self.load(j)
             except ValueError as e:
-                warnings.warn(f"skipping a record: {e}", stacklevel=2)
+                self._failed[j] = str(e)
+                self.bad_records.append((self._where[j], str(e)))
+                warnings.warn(f"skipping a record (now and on every later read): {e}",
+                              stacklevel=2)
         raise RuntimeError("every record of the dataset failed to load")
 
 

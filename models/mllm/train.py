@@ -58,7 +58,7 @@ import transformers
 from ..projectors.registry import projector_from_config
 from .llava import exportable_projector, is_llava_checkpoint, padding_processor
 from .model import MLLM, load_llm
-from .trainer import RUN_CONFIG, MLLMTrainer, latest_checkpoint
+from .trainer import RUN_CONFIG, MLLMTrainer, latest_checkpoint, resolve_resume
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
 LORA_LR, LORA_PROJECTOR_LR = 2e-4, 2e-5
@@ -225,6 +225,7 @@ def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     check_native_zero3(dargs.image_resize, targs.deepspeed,
                        int(os.environ.get("WORLD_SIZE", "1")))
     check_save_llava(targs.save_llava, targs.deepspeed)
+    projector_kwargs(margs)
     if margs.mm_vision_select_feature != "patch":
         raise ValueError(f"mm_vision_select_feature must be 'patch' (the projectors take the "
                          f"patch grid; a CLS token has no grid cell), got "
@@ -232,6 +233,19 @@ def parse_args(args) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     if targs.bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {targs.bits}")
     return margs, dargs, targs
+
+
+def projector_kwargs(margs) -> dict:
+    """``--projector_kwargs`` parsed: a JSON object, else ``ValueError`` naming the flag."""
+    try:
+        kwargs = json.loads(margs.projector_kwargs)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--projector_kwargs must be a JSON object, got "
+                         f"{margs.projector_kwargs!r} ({e})") from e
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--projector_kwargs must be a JSON object, got "
+                         f"{margs.projector_kwargs!r}")
+    return kwargs
 
 
 def _apply_stage_defaults(margs, targs, given: set) -> None:
@@ -275,9 +289,7 @@ def _llm_kwargs(targs) -> dict:
 
 def build_model(margs, targs, model: MLLM | None = None) -> MLLM:
     """The MLLM of the flags (or ``model``) with the stage's trainable parameters and dtypes."""
-    proj_kwargs = json.loads(margs.projector_kwargs)
-    if not isinstance(proj_kwargs, dict):
-        raise ValueError(f"projector_kwargs must be a JSON object, got {margs.projector_kwargs!r}")
+    proj_kwargs = projector_kwargs(margs)
     bert = proj_kwargs.pop("init_from_bert", None)
     if model is None and margs.model_name_or_path is not None \
             and is_llava_checkpoint(margs.model_name_or_path):
@@ -419,12 +431,7 @@ def train(args, *, model: MLLM | None = None, on_step=None) -> dict:
                            num_image_tokens=model.num_visual_tokens, template=margs.version,
                            max_length=targs.model_max_length, strict=dargs.strict_data, **resize)
     out = Path(targs.output_dir)
-    resume = targs.resume_from_checkpoint
-    if resume in ("latest", "true", "True"):
-        resume = latest_checkpoint(out)
-        if resume is None:
-            raise ValueError(f"resume_from_checkpoint='latest' but {str(out)!r} has no "
-                             f"complete checkpoint-N")
+    resume = resolve_resume(out, targs.resume_from_checkpoint)  # verified against its manifest
     specs_file = out / "base" / "components.json"
     if targs.should_save:
         out.mkdir(parents=True, exist_ok=True)
