@@ -278,7 +278,7 @@ def truncation_problem(tokenizer, conversations, *, image_token_id: int, num_ima
         segs = list(segs)  # string formatting only; the look-ahead below needs the next one
     for k, (text, train) in enumerate(segs):
         if train and first is None and isinstance(text, str) and IMAGE_PLACEHOLDER not in text \
-                and template != "chat_template" and segs[k + 1][1] \
+                and template != "chat_template" and k + 1 < len(segs) and segs[k + 1][1] \
                 and (segs[k + 1][0] is None or len(encode(segs[k + 1][0])) > 0):
             # an answer without <image>, then its end (eos or the template's end text, at least
             # one token, trained): the first target is here, whatever the answer's tokens
