@@ -47,7 +47,10 @@ them first), quantised loading.
 format holds): weights, ``config.json``, ``generation_config.json``, and a ``LlavaProcessor``
 (image processor, tokenizer, ``patch_size``, ``vision_feature_select_strategy``,
 ``num_additional_image_tokens``, a chat template rendering the conversation template the model
-was trained with).
+was trained with). The processor pads images to a square iff the model's
+``image_aspect_ratio`` is ``"pad"``; the chat template renders each image as ``<image>\\n`` or,
+where a SentencePiece tokenizer needs it to reproduce the training ids, ``<image> \\n``
+(:func:`save_llava`).
 """
 from __future__ import annotations
 
