@@ -9,6 +9,8 @@ matters to the logits)."""
 import json
 import math
 import shutil
+import string
+import warnings
 from pathlib import Path
 
 import pytest
@@ -187,9 +189,10 @@ ORIG_CASES = {
 }
 
 
-def write_original(d: Path, case: dict) -> dict:
-    """An original-layout LLaVA directory and the in-memory parts it was written from."""
-    tok = original_tokenizer()
+def write_original(d: Path, case: dict, tok=None) -> dict:
+    """An original-layout LLaVA directory and the in-memory parts it was written from
+    (``tok``: its tokenizer, default :func:`original_tokenizer`)."""
+    tok = original_tokenizer() if tok is None else tok
     llm = perturb_(tf.LlamaForCausalLM(llama_config(tok)))
     clip = perturb_(tf.CLIPVisionModel(vision_config("clip")))
     clip.save_pretrained(d / "clip")
@@ -549,3 +552,192 @@ def test_trainer_builds_from_a_llava_checkpoint(orig, tmp_path):
     with pytest.raises(ValueError, match="ZeRO-3.*export"):
         check_save_llava(str(tmp_path / "x"), {"zero_optimization": {"stage": 3}})
     check_save_llava(str(tmp_path / "x"), {"zero_optimization": {"stage": 2}})
+
+
+
+# ----------------------------------------------------------------- image policies (review fixes)
+def _policy_dataset(model, folder, **kw):
+    from models.mllm.data import LLaVADataset
+    return LLaVADataset(folder / "d.json", folder, model.tokenizer, model.image_processor,
+                        image_token_id=model.image_token_id,
+                        num_image_tokens=model.num_visual_tokens, **kw)
+
+
+@pytest.mark.parametrize("source", ["orig:llava15-pad", "hf:padding-processor"])
+def test_image_policies_do_what_they_say_on_a_padded_checkpoint(orig, hf_dirs, tmp_path, source):
+    """A checkpoint that pads (original layout ``image_aspect_ratio: "pad"``; a llava-hf one
+    whose processor is a ``LlavaImageProcessor(do_pad=True)``): the dataset's ``pad`` pads,
+    ``crop`` crops and ``native`` keeps the image's own size (nobody pads behind their
+    back); ``preprocess_images`` (chat, MME) and an export's processor follow the model's
+    ``image_aspect_ratio``."""
+    from models.mllm.data import native_size
+    from models.mllm.llava import padding_processor
+    kind, _ = source.split(":")
+    if kind == "orig":
+        model = MLLM.from_llava(orig["llava15-pad"]["dir"]).eval()
+    else:
+        model = MLLM.from_llava(hf_dirs["default"]).eval()
+        model.image_processor = padding_processor(model.image_processor, True)
+        assert model.image_aspect_ratio == "crop"  # its own processor did not pad
+        model.image_aspect_ratio = "pad"
+    if kind == "orig":
+        assert model.image_aspect_ratio == "pad"
+    im = images(1)[0]  # 33 x 20
+    im.save(tmp_path / "a.png")
+    conv = [{"from": "human", "value": "<image>\nWhat color is the square ?"},
+            {"from": "gpt", "value": "red"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": 0, "image": "a.png",
+                                                   "conversations": conv}]))
+    pad, crop = llava_process_images([im], "pad")[0], llava_process_images([im], "crop")[0]
+    assert (pad - crop).abs().max() > 0.5
+    got = {a: _policy_dataset(model, tmp_path, image_aspect_ratio=a)[0]["pixel_values"][0]
+           for a in ("pad", "crop")}
+    assert torch.equal(got["pad"], pad) and torch.equal(got["crop"], crop)
+    nat = _policy_dataset(model, tmp_path, image_resize="native", max_pixels=SIDE * SIDE,
+                          patch_size=PATCH, tokens_for_grid=lambda g: g[0] * g[1])[0]
+    w, h = native_size(*im.size, SIDE * SIDE, PATCH)
+    assert (w, h) == (32, 20) and nat["visual_grids"] == [(h // PATCH, w // PATCH)]
+    want = clip_processor()(images=im.resize((w, h), Image.BICUBIC), do_resize=False,
+                            do_center_crop=False, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(nat["pixel_values"][0], want)
+    for aspect, want_pix in (("pad", pad), ("crop", crop)):
+        model.image_aspect_ratio = aspect
+        assert torch.equal(model.preprocess_images([im])[0], want_pix)
+        model.save_llava(tmp_path / aspect)
+        proc = tf.AutoProcessor.from_pretrained(tmp_path / aspect)
+        assert torch.equal(proc.image_processor(images=im, return_tensors="pt")[
+            "pixel_values"][0], want_pix), aspect
+    with pytest.raises(ValueError, match="image_aspect_ratio"):
+        model.image_aspect_ratio = "square"
+
+
+def sentencepiece_llama_tokenizer(legacy: bool):
+    """A Llama tokenizer as Llama-2 / Vicuna ship (transformers' own ``LlamaTokenizer``: BPE
+    with byte fallback, a Metaspace pre-tokenizer, BOS added by the tokenizer), built offline
+    on a character vocabulary; ``legacy`` as the checkpoints' ``legacy`` flag (True: a '▁'
+    after special tokens too)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})
+    for ch in "▁" + string.ascii_letters + string.digits + ".,:?!'":
+        vocab.setdefault(ch, len(vocab))
+    tok = tf.LlamaTokenizer(vocab=vocab, merges=[], legacy=legacy, add_bos_token=True)
+    assert tok("a b")["input_ids"] == [1, vocab["▁"], vocab["a"], vocab["▁"], vocab["b"]]
+    assert tok.convert_ids_to_tokens(tok("\n", add_special_tokens=False)["input_ids"]) == \
+        ["▁", "<0x0A>"]
+    return tok
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer as Llama-3 / Qwen ship (GPT-2 bytes, no prefix space, BOS
+    added by its post-processor), built offline on the 256 byte symbols."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, processors
+    vocab = {"<s>": 0, "</s>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    tk = Tokenizer(tmodels.BPE(vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    assert tok("a b")["input_ids"] == [0, vocab["a"], vocab["Ġ"], vocab["b"]]
+    return tok
+
+
+def llava_tokenizer_image_token(tok, prompt, image_id, n_tokens):
+    """LLaVA's ``tokenizer_image_token`` (mm_utils.py) rebuilt: the prompt split at each
+    ``<image>``, every chunk tokenised alone with BOS, the BOS of the later chunks dropped,
+    ``n_tokens`` image ids between chunks (LLaVA puts one -200 there, expanded by its model)."""
+    chunks = [tok(c)["input_ids"] for c in prompt.split("<image>")]
+    ids = list(chunks[0])
+    for c in chunks[1:]:
+        ids += [image_id] * n_tokens + c[1:]
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-legacy", "byte-level"])
+def test_sentencepiece_prompts_match_llava_and_the_export(tmp_path, kind):
+    """On real-style tokenizers (Llama-2 / Vicuna SentencePiece, non-legacy and legacy;
+    Llama-3 / Qwen byte-level BPE): the model's prompts carry LLaVA's own
+    ``tokenizer_image_token`` ids (SentencePiece: a '▁' starts the text after each image),
+    and the exported processor + chat template give those same ids (BOS from the tokenizer,
+    once)."""
+    tok = (byte_level_tokenizer() if kind == "byte-level"
+           else sentencepiece_llama_tokenizer(kind.endswith("legacy")))
+    src = write_original(tmp_path, ORIG_CASES["llava15-pad"], tok=tok)
+    model = MLLM.from_llava(src["dir"]).eval()
+    q = "What is it?"
+    ids, mask = model.prompt_ids([q])
+    prompt = TEMPLATES["vicuna_v1"].render([f"<image>\n{q}"])
+    want = llava_tokenizer_image_token(model.tokenizer, prompt, model.image_token_id,
+                                       model.num_visual_tokens)
+    assert ids[0].tolist() == want
+    after = want[want.index(model.image_token_id) + model.num_visual_tokens:][:2]
+    assert model.tokenizer.convert_ids_to_tokens(after) == (
+        ["Ċ", "W"] if kind == "byte-level" else ["▁", "<0x0A>"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf, proc = _exported(model, tmp_path / "export")
+    assert not [w for w in caught if "other token ids than training" in str(w.message)]
+    assert "bos_token" not in proc.chat_template  # the tokenizer adds BOS itself
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    text = proc.apply_chat_template(conv, add_generation_prompt=True)
+    inputs = proc(images=images(1), text=[text], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == want
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).logits,
+                                   model(ids, mask, inputs["pixel_values"])["logits"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_new_projector_on_another_tower_ignores_the_checkpoints_projector_width(orig, tmp_path):
+    """``vision_tower=`` of another width with ``projector=``: the checkpoint's projector (and
+    its ``mm_hidden_size``) is not used, so it is not checked; keeping it is refused."""
+    src = orig["llava15-pad"]
+    wide = perturb_(tf.CLIPVisionModel(tf.CLIPVisionConfig(
+        image_size=SIDE, patch_size=PATCH, hidden_size=48, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=2)))
+    wide.save_pretrained(tmp_path / "clip48")
+    clip_processor().save_pretrained(tmp_path / "clip48")
+    model = MLLM.from_llava(src["dir"], vision_tower=str(tmp_path / "clip48"),
+                            projector="deco", projector_kwargs={"query_num": 16})
+    assert model.projector.config["vision_width"] == 48
+    for k, v in wide.state_dict().items():
+        assert torch.equal(model.vision_tower.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="mm_hidden_size"):
+        MLLM.from_llava(src["dir"], vision_tower=str(tmp_path / "clip48"))
+
+
+def test_trained_tower_and_image_policy_reach_the_exports(orig, tmp_path):
+    """A run with ``--unfreeze_mm_vision_tower --image_aspect_ratio crop`` on a checkpoint that
+    pads: both exports hold the trained tower, and the crop policy is in the model config
+    (``load_checkpoint_model``, ``MLLM.from_pretrained``: ``preprocess_images`` crops) and in
+    the llava-hf processor."""
+    from models.mllm.train import export_merged, load_checkpoint_model, train
+    src = orig["llava15-pad"]
+    data = write_toy_dataset(tmp_path / "toy", 4, seed=0)
+    model = MLLM.from_llava(src["dir"])
+    before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    out = tmp_path / "run"
+    train({"model_name_or_path": str(src["dir"]), "data_path": str(data),
+           "image_folder": str(data.parent / "images"), "output_dir": str(out), "stage": 1,
+           "unfreeze_mm_vision_tower": True, "image_aspect_ratio": "crop",
+           "per_device_train_batch_size": 4, "max_steps": 2, "warmup_ratio": 0, "use_cpu": True,
+           "disable_tqdm": True, "save_strategy": "no"}, model=model)
+    trained = model.vision_tower.state_dict()
+    assert max((trained[k] - v).abs().max() for k, v in before.items()) > 1e-4
+    ims = images(1)
+    crop = llava_process_images(ims, "crop")
+    back = load_checkpoint_model(out)
+    assert back.image_aspect_ratio == "crop" and torch.equal(back.preprocess_images(ims), crop)
+    for k, v in trained.items():
+        assert torch.equal(back.vision_tower.state_dict()[k], v), k
+    export_merged(out, tmp_path / "mllm")
+    again = MLLM.from_pretrained(tmp_path / "mllm")
+    assert again.image_aspect_ratio == "crop" and torch.equal(again.preprocess_images(ims), crop)
+    export_merged(out, tmp_path / "hf", fmt="llava", template="vicuna_v1")
+    hf = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").state_dict()
+    for k, v in trained.items():
+        assert torch.equal(hf["model.vision_tower." + k], v), k
+    proc = tf.AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert torch.equal(proc.image_processor(images=ims, return_tensors="pt")["pixel_values"],
+                       crop)

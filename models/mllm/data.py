@@ -202,6 +202,27 @@ def expand2square(image, background):
     return out
 
 
+def processor_kwargs(processor) -> dict:
+    """Call arguments that switch off an image processor's own padding (``do_pad``, e.g.
+    ``LlavaImageProcessor``'s pad to a square): the resize policies pad (or not) themselves,
+    so each does what it says whatever processor a checkpoint ships."""
+    return {"do_pad": False} if getattr(processor, "do_pad", None) else {}
+
+
+def fixed_pixels(processor, image, image_aspect_ratio: str) -> torch.Tensor:
+    """One PIL image as ``[3, S, S]`` under the fixed policy: ``"pad"`` (expand to a square
+    with the processor's mean colour, as ints, then the processor) or ``"crop"`` (the
+    processor alone: resize + centre crop); the processor's own padding is off either way."""
+    if image_aspect_ratio == "pad":
+        mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        image = expand2square(image, tuple(int(255 * m) for m in mean))
+    elif image_aspect_ratio != "crop":
+        raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got "
+                         f"{image_aspect_ratio!r}")
+    return processor(images=image, return_tensors="pt",
+                     **processor_kwargs(processor))["pixel_values"][0]
+
+
 IMAGE_RESIZE = ("fixed", "native")
 
 
@@ -364,11 +385,8 @@ class LLaVADataset(Dataset):
             raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
 
     def _pixels(self, image) -> torch.Tensor:
-        """The fixed policy: ``[3, S, S]``."""
-        if self.image_aspect_ratio == "pad":
-            mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-            image = expand2square(image, tuple(int(255 * m) for m in mean))
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        """The fixed policy: ``[3, S, S]`` (:func:`fixed_pixels`)."""
+        return fixed_pixels(self.image_processor, image, self.image_aspect_ratio)
 
     def _native_pixels(self, image) -> torch.Tensor:
         """The native policy: ``[3, H, W]`` at :func:`native_size`; the processor only rescales
@@ -379,7 +397,8 @@ class LLaVADataset(Dataset):
             resample = getattr(self.image_processor, "resample", None)
             image = image.resize(size, Image.BICUBIC if resample is None else resample)
         return self.image_processor(images=image, do_resize=False, do_center_crop=False,
-                                    return_tensors="pt")["pixel_values"][0]
+                                    return_tensors="pt",
+                                    **processor_kwargs(self.image_processor))["pixel_values"][0]
 
     def load(self, idx: int) -> dict:
         """One item; raises ``ValueError`` naming the record and field when it cannot be used."""

@@ -28,9 +28,12 @@ Two layouts are read (:func:`load_llava`, ``MLLM.from_llava``):
   the checkpoint's. An export (:func:`save_llava`) keeps that ``<image>`` as its vocabulary
   entry, as llava-hf's own conversion does (which also pads the vocabulary to 32064 and adds a
   ``<pad>``: an exported Vicuna-based model has 32001 entries instead). ``image_aspect_ratio:
-  "pad"`` (LLaVA's ``expand2square`` with the image processor's mean colour, as ints) is kept by
-  the image processor itself: ``LlavaImageProcessor(do_pad=True)`` with the tower's processor
-  settings, so training data, ``MLLM.chat`` and an export all pad. The tower is loaded from
+  "pad"`` (LLaVA's ``expand2square`` with the image processor's mean colour, as ints) becomes
+  the model's ``image_aspect_ratio`` (``"crop"`` otherwise; a llava-hf checkpoint: ``"pad"``
+  iff its image processor pads), which ``MLLM.preprocess_images`` / ``chat`` apply, the
+  trainer's ``--image_aspect_ratio`` overrides, and an export keeps (its processor is then a
+  ``LlavaImageProcessor(do_pad=True)`` with the tower's processor settings). The image
+  processor itself is the tower's, unchanged. The tower is loaded from
   ``mm_vision_tower`` (or ``vision_tower=``), as LLaVA does; only with
   ``unfreeze_mm_vision_tower`` are the tower weights in the shards used (as LLaVA's loader).
 
@@ -44,7 +47,10 @@ them first), quantised loading.
 format holds): weights, ``config.json``, ``generation_config.json``, and a ``LlavaProcessor``
 (image processor, tokenizer, ``patch_size``, ``vision_feature_select_strategy``,
 ``num_additional_image_tokens``, a chat template rendering the conversation template the model
-was trained with).
+was trained with). The processor pads images to a square iff the model's
+``image_aspect_ratio`` is ``"pad"``; the chat template renders each image as ``<image>\\n`` or,
+where a SentencePiece tokenizer needs it to reproduce the training ids, ``<image> \\n``
+(:func:`save_llava`).
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ import json
 import os
 import re
 import string
+import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -172,6 +179,7 @@ class _Parts:
     proj_name: str
     proj_config: dict = field(default_factory=dict)
     proj_state: dict = field(default_factory=dict)
+    image_aspect_ratio: str = "crop"
 
 
 def _tower_has_cls(tower: nn.Module) -> bool:
@@ -246,7 +254,8 @@ def _read_hf(path, torch_dtype, vision_tower) -> _Parts:
                   select, "mlp2x_gelu" if plain else "mlp",
                   {} if plain else dict(depth=2, bias=bias, act=act,
                                         cls_token=select == "cls_patch"),
-                  {k: v.detach() for k, v in state.items()})
+                  {k: v.detach() for k, v in state.items()},
+                  "pad" if getattr(proc, "do_pad", None) else "crop")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -306,7 +315,9 @@ def _original_projector(ptype, select: str, vision_width: int, llm_width: int,
     return "mlp", dict(depth=depth, cls_token=select == "cls_patch"), state
 
 
-def _read_original(path, cfg: dict, torch_dtype, vision_tower) -> _Parts:
+def _read_original(path, cfg: dict, torch_dtype, vision_tower, keep_projector: bool) -> _Parts:
+    """The parts of an original-layout checkpoint; ``keep_projector`` False: its projector is
+    replaced, so its type, width (``mm_hidden_size``) and weights are not read."""
     import transformers as tf
     for key, what in (("mm_use_im_start_end", "image start / end tokens around the image"),
                       ("s2", "multi-scale (S2) vision towers")):
@@ -328,7 +339,7 @@ def _read_original(path, cfg: dict, torch_dtype, vision_tower) -> _Parts:
         raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got "
                          f"{select!r}")
     ptype = cfg.get("mm_projector_type", "linear")  # LLaVA's default
-    if not (ptype in ("linear", "identity") or re.fullmatch(r"mlp([1-9]\d*)x_gelu", str(ptype))):
+    if keep_projector and not (ptype in ("linear", "identity") or re.fullmatch(r"mlp([1-9]\d*)x_gelu", str(ptype))):
         raise ValueError(f"mm_projector_type {ptype!r} is not supported (linear, mlp<N>x_gelu, "
                          f"identity)")
     # the tower: by name or path, as LLaVA (its shard weights only when it was trained)
@@ -355,10 +366,10 @@ def _read_original(path, cfg: dict, torch_dtype, vision_tower) -> _Parts:
     layer = check_feature_layer(layer, tower.config.num_hidden_layers)
     _check_select(select, _tower_has_cls(tower), "mm_vision_select_feature 'cls_patch'")
     mm_hidden = cfg.get("mm_hidden_size")
-    if mm_hidden is not None and mm_hidden != tower.config.hidden_size:
+    if keep_projector and mm_hidden is not None and mm_hidden != tower.config.hidden_size:
         raise ValueError(f"mm_hidden_size {mm_hidden} does not match the vision tower's width "
                          f"{tower.config.hidden_size} (mm_vision_tower {str(spec)!r})")
-    # the image processor: the tower's (as LLaVA), pad to square kept in the processor
+    # the image processor: the tower's (as LLaVA); pad to square is the model's policy
     proc = None
     if isinstance(spec, (str, os.PathLike)):
         try:
@@ -367,7 +378,6 @@ def _read_original(path, cfg: dict, torch_dtype, vision_tower) -> _Parts:
             proc = None
     if proc is None:
         proc = default_image_processor(tower.config)
-    proc = padding_processor(proc, aspect == "pad")
     # the LLM: the causal LM of the LLaVA config without its multimodal keys
     text_cfg = tf.AutoConfig.for_model(ORIGINAL_TYPES[mt], **{
         k: v for k, v in cfg.items() if k not in _LLAVA_KEYS and not k.startswith("mm_")})
@@ -376,10 +386,14 @@ def _read_original(path, cfg: dict, torch_dtype, vision_tower) -> _Parts:
     if cfg.get("mm_use_im_patch_token", True):  # LLaVA's loader adds it (default True)
         tok.add_tokens([IM_PATCH], special_tokens=True)
     image_token_id = ensure_image_token(tok, llm)
-    weights = read_tensors(path, "model.mm_projector.")
-    name, pcfg, state = _original_projector(ptype, select, tower.config.hidden_size,
-                                            llm.get_input_embeddings().embedding_dim, weights)
-    return _Parts(tower, llm, tok, proc, image_token_id, layer, select, name, pcfg, state)
+    name, pcfg, state = None, {}, {}
+    if keep_projector:
+        weights = read_tensors(path, "model.mm_projector.")
+        name, pcfg, state = _original_projector(ptype, select, tower.config.hidden_size,
+                                                llm.get_input_embeddings().embedding_dim,
+                                                weights)
+    return _Parts(tower, llm, tok, proc, image_token_id, layer, select, name, pcfg, state,
+                  "pad" if aspect == "pad" else "crop")
 
 
 def load_llava(cls, path, *, projector=None, projector_kwargs: dict | None = None,
@@ -410,7 +424,7 @@ def load_llava(cls, path, *, projector=None, projector_kwargs: dict | None = Non
                          f"mm_vision_tower nor model_type 'llava' with text_config / "
                          f"vision_config)")
     parts = (_read_hf(src, torch_dtype, vision_tower) if layout == LLAVA_HF
-             else _read_original(src, cfg, torch_dtype, vision_tower))
+             else _read_original(src, cfg, torch_dtype, vision_tower, projector is None))
     tower, llm = parts.tower, parts.llm
     n_tower_layers = tower.config.num_hidden_layers
     layers = check_feature_layer(parts.feature_layer, n_tower_layers)
@@ -448,7 +462,8 @@ def load_llava(cls, path, *, projector=None, projector_kwargs: dict | None = Non
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return cls(tower, proj, llm, parts.image_token_id, vision_feature_layer=layers,
-               vision_select_feature=select, tokenizer=tok, image_processor=parts.image_processor)
+               vision_select_feature=select, tokenizer=tok, image_processor=parts.image_processor,
+               image_aspect_ratio=parts.image_aspect_ratio)
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -476,14 +491,16 @@ def _jinja(fmt: str, **names) -> str:
     return "".join(out)
 
 
-def chat_template_jinja(template: str, *, add_bos: bool = False) -> str | None:
+def chat_template_jinja(template: str, *, add_bos: bool = False,
+                        image_text: str = IMAGE_PLACEHOLDER + "\n") -> str | None:
     """A Jinja chat template rendering ``messages`` as :mod:`models.mllm.conversation`'s
     ``template`` does (None for ``plain``, which is no chat format). Message content is a
     string or llava-hf's list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}``
-    items, images first as ``<image>\\n`` each (LLaVA's data convention). A leading
-    ``system`` message replaces the template's system prompt. Every user turn ends with the
-    assistant's header (``add_generation_prompt`` is implied). ``add_bos``: start with
-    ``bos_token`` (for tokenizers that do not add it themselves)."""
+    items, images first as ``image_text`` each (``<image>\\n``: LLaVA's data convention; see
+    :func:`save_llava` for ``"<image> \\n"``). A leading ``system`` message replaces the
+    template's system prompt. Every user turn ends with the assistant's header
+    (``add_generation_prompt`` is implied). ``add_bos``: start with ``bos_token`` (for
+    tokenizers that do not add it themselves)."""
     if template == "chat_template":
         raise ValueError("template 'chat_template' is the tokenizer's own: export it as is")
     tmpl = get_template(template)
@@ -500,7 +517,7 @@ def chat_template_jinja(template: str, *, add_bos: bool = False) -> str | None:
         "{%- else -%}{%- set parts = namespace(images='', text='') -%}"
         "{%- for c in message['content'] -%}"
         "{%- if c['type'] == 'image' -%}{%- set parts.images = parts.images + "
-        + json.dumps(IMAGE_PLACEHOLDER + "\n") + " -%}"
+        + json.dumps(image_text) + " -%}"
         "{%- elif c['type'] == 'text' -%}{%- set parts.text = parts.text + c['text'] -%}"
         "{%- endif -%}{%- endfor -%}{%- set text = parts.images + parts.text -%}{%- endif -%}"
         "{%- if message['role'] == 'system' -%}{%- set ns.system = text -%}"
@@ -573,17 +590,60 @@ def save_llava(model, path, *, template: str = "vicuna_v1") -> None:
         raise ValueError(f"the tokenizer does not encode {image_token!r} as the single "
                          f"image_token_id {model.image_token_id}: a LlavaProcessor could not "
                          f"find the image tokens")
-    chat = (tok.chat_template if template == "chat_template"
-            else chat_template_jinja(template, add_bos=not _adds_bos(tok)))
-    processor = tf.LlavaProcessor(
+    # the model's image policy kept by the processor (serving sees images as training did)
+    proc = padding_processor(proc, model.image_aspect_ratio == "pad")
+    make = lambda chat: tf.LlavaProcessor(  # noqa: E731
         image_processor=proc, tokenizer=tok, patch_size=model.patch_size,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=int(has_cls),
         image_token=image_token, chat_template=chat)
+    if template in ("chat_template", "plain"):
+        processor = make(tok.chat_template if template == "chat_template" else None)
+    else:
+        # Training tokenises the text after each <image> alone (LLaVA's tokenizer_image_token),
+        # so a SentencePiece (Metaspace) tokenizer starts it with its '▁' prefix; a processor
+        # tokenises the whole prompt, where text after the <image> special token gets no
+        # prefix (non-legacy Llama tokenizers). "<image> \n" gives that '▁' back: the
+        # rendering whose processor ids equal the training ids is kept.
+        add_bos = not _adds_bos(tok)
+        for image_text in (IMAGE_PLACEHOLDER + "\n", IMAGE_PLACEHOLDER + " \n"):
+            processor = make(chat_template_jinja(template, add_bos=add_bos,
+                                                 image_text=image_text))
+            got, want = _prompt_ids(processor, model, template)
+            if got == want:
+                break
+        else:
+            warnings.warn(f"the exported processor + chat template tokenise a prompt as {got} "
+                          f"but the model was trained on {want} (template {template!r}): "
+                          f"serving sees other token ids than training", stacklevel=2)
+            processor = make(chat_template_jinja(template, add_bos=add_bos))
     _check_processor(processor, model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(path)
     processor.save_pretrained(path)
+
+
+PROBE_QUESTION = "What is it?"
+
+
+def _prompt_ids(processor, model, template: str) -> tuple[list[int], list[int]]:
+    """``(processor ids, training ids)`` of a one-image generation prompt: the processor's
+    chat template + tokenisation of ``[image, PROBE_QUESTION]``, and
+    :func:`~models.mllm.conversation.tokenize_conversation` of ``"<image>\\n" +
+    PROBE_QUESTION`` (what the model was trained on)."""
+    from PIL import Image
+    from .conversation import tokenize_conversation
+    side = int(model.vision_tower.config.image_size)
+    conv = [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": PROBE_QUESTION}]}]
+    text = processor.apply_chat_template(conv, add_generation_prompt=True)
+    got = processor(images=[Image.new("RGB", (side, side))], text=[text],
+                    return_tensors="pt")["input_ids"][0].tolist()
+    want = tokenize_conversation(
+        model.tokenizer, [{"from": "human", "value": IMAGE_PLACEHOLDER + "\n" + PROBE_QUESTION}],
+        image_token_id=model.image_token_id, num_image_tokens=model.num_visual_tokens,
+        template=template, for_generation=True)["input_ids"]
+    return got, want
 
 
 def _check_processor(processor, model) -> None:

@@ -136,6 +136,12 @@ class MLLM(nn.Module):
     with ``vision_select_feature`` ``"patch"`` (the patch grid: the CLS token, when the tower
     has one, dropped) or ``"cls_patch"`` (CLS first, then the grid: LLaVA's ``cls_patch``; the
     projector must then take ``1 + rows * cols`` tokens, and no packed batches).
+
+    ``image_aspect_ratio`` (``"pad"``, LLaVA-1.5's default, or ``"crop"``) is how images are
+    made square for the tower (:func:`models.mllm.data.fixed_pixels`): :meth:`preprocess_images`
+    (so :meth:`chat` and the MME evaluation) applies it, the trainer sets it to the run's
+    ``--image_aspect_ratio``, it is saved in the model config and an llava-hf export's image
+    processor pads iff it is ``"pad"``, so images are seen as in training.
     LLaVA checkpoints: :meth:`from_llava` / :meth:`save_llava` (:mod:`models.mllm.llava`).
     """
     # transformers.Trainer: forward takes num_items_in_batch, counted over labels[:, 1:]
@@ -145,7 +151,7 @@ class MLLM(nn.Module):
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module,
                  image_token_id: int, *, vision_feature_layer: int | list[int] = -2,
                  vision_select_feature: str = "patch", freeze_vision_tower: bool = True,
-                 tokenizer=None, image_processor=None):
+                 tokenizer=None, image_processor=None, image_aspect_ratio: str = "pad"):
         super().__init__()
         for name, mod in (("vision_tower", vision_tower), ("projector", projector), ("llm", llm)):
             if not isinstance(mod, nn.Module):
@@ -173,6 +179,7 @@ class MLLM(nn.Module):
                              f"{vision_select_feature!r} gives it {want} (a {self.visual_grid} grid"
                              f"{' + CLS' if vision_select_feature == 'cls_patch' else ''})")
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_aspect_ratio = image_aspect_ratio
         if freeze_vision_tower:
             self.vision_tower.requires_grad_(False)
 
@@ -182,7 +189,7 @@ class MLLM(nn.Module):
               tokenizer=None, image_processor=None, projector_kwargs: dict | None = None,
               vision_feature_layer: int | list[int] = -2, vision_select_feature: str = "patch",
               freeze_vision_tower: bool = True, dtype=None,
-              llm_kwargs: dict | None = None) -> "MLLM":
+              llm_kwargs: dict | None = None, image_aspect_ratio: str = "pad") -> "MLLM":
         """Build from specs (see the module docstring). ``projector`` is a registry name (built
         with the tower's width (times the number of feature layers) and grid and the LLM's
         width, plus ``projector_kwargs``), a ``proj.config`` dict, or a module. ``tokenizer``
@@ -216,7 +223,8 @@ class MLLM(nn.Module):
         proc = load_image_processor(image_processor, tower.config)
         model = cls(tower, proj, lm, image_token_id, vision_feature_layer=vision_feature_layer,
                     vision_select_feature=vision_select_feature,
-                    freeze_vision_tower=freeze_vision_tower, tokenizer=tok, image_processor=proc)
+                    freeze_vision_tower=freeze_vision_tower, tokenizer=tok, image_processor=proc,
+                    image_aspect_ratio=image_aspect_ratio)
         return model
 
     @classmethod
@@ -244,6 +252,16 @@ class MLLM(nn.Module):
         return self.llm.config
 
     @property
+    def image_aspect_ratio(self) -> str:
+        return self._image_aspect_ratio
+
+    @image_aspect_ratio.setter
+    def image_aspect_ratio(self, value: str) -> None:
+        if value not in ("pad", "crop"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {value!r}")
+        self._image_aspect_ratio = value
+
+    @property
     def num_visual_tokens(self) -> int:
         return int(self.projector.num_visual_tokens)
 
@@ -256,7 +274,8 @@ class MLLM(nn.Module):
                 self.vision_feature_layer, "vision_select_feature": self.vision_select_feature,
                 "image_token": IMAGE_PLACEHOLDER,
                 "image_token_id": self.image_token_id,
-                "num_visual_tokens": self.num_visual_tokens}
+                "num_visual_tokens": self.num_visual_tokens,
+                "image_aspect_ratio": self.image_aspect_ratio}
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Activation checkpointing in the LLM (what ``--gradient_checkpointing`` calls)."""
@@ -496,10 +515,13 @@ class MLLM(nn.Module):
                                  **generate_kwargs)
 
     def preprocess_images(self, images) -> Tensor:
+        """PIL images as ``[N, 3, S, S]`` under the model's ``image_aspect_ratio`` (as the
+        training data of the fixed resize policy)."""
+        from .data import fixed_pixels
         if self.image_processor is None:
             raise ValueError("this MLLM has no image_processor")
-        return self.image_processor(images=[im.convert("RGB") for im in images],
-                                    return_tensors="pt")["pixel_values"]
+        return torch.stack([fixed_pixels(self.image_processor, im.convert("RGB"),
+                                         self.image_aspect_ratio) for im in images])
 
     def prompt_ids(self, questions: list[str], template: str = "vicuna_v1"):
         """Left-padded generation prompts (``<image>`` prepended where absent): ``(input_ids,
@@ -569,7 +591,8 @@ class MLLM(nn.Module):
                 if (path / "preprocessor_config.json").is_file() else None)
         model = cls.build(tower, llm, cfg["projector"], tokenizer=path, image_processor=proc,
                           vision_feature_layer=cfg["vision_feature_layer"],
-                          vision_select_feature=cfg.get("vision_select_feature", "patch"))
+                          vision_select_feature=cfg.get("vision_select_feature", "patch"),
+                          image_aspect_ratio=cfg.get("image_aspect_ratio", "pad"))
         model.projector.load_state_dict(torch.load(path / PROJECTOR_WEIGHTS, map_location="cpu"))
         return model
 

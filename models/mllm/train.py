@@ -56,9 +56,9 @@ import torch
 import transformers
 
 from ..projectors.registry import projector_from_config
-from .llava import exportable_projector, is_llava_checkpoint, padding_processor
+from .llava import exportable_projector, is_llava_checkpoint
 from .model import MLLM, load_llm
-from .trainer import RUN_CONFIG, MLLMTrainer, latest_checkpoint, resolve_resume
+from .trainer import RUN_CONFIG, TRAINABLE, MLLMTrainer, latest_checkpoint, resolve_resume
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
 LORA_LR, LORA_PROJECTOR_LR = 2e-4, 2e-5
@@ -426,6 +426,7 @@ def train(args, *, model: MLLM | None = None, on_step=None) -> dict:
                       patch_size=model.patch_size, tokens_for_grid=model.packed_tokens_for_grid)
     else:
         resize = dict(image_aspect_ratio=dargs.image_aspect_ratio)
+        model.image_aspect_ratio = dargs.image_aspect_ratio  # chat / eval / export: the same
     dataset = LLaVADataset(dargs.data_path, dargs.image_folder, model.tokenizer,
                            model.image_processor, image_token_id=model.image_token_id,
                            num_image_tokens=model.num_visual_tokens, template=margs.version,
@@ -479,6 +480,9 @@ def load_checkpoint_model(checkpoint, torch_dtype=torch.float32) -> MLLM:
     with open(ck / RUN_CONFIG) as f:
         rc = json.load(f)
     comp, mc = rc["components"], rc["mllm"]
+    # runs before image_aspect_ratio was in the model config: the run's data flag
+    aspect = mc.get("image_aspect_ratio") or rc.get("data_args", {}).get("image_aspect_ratio",
+                                                                          "pad")
     if comp.get("llava") is not None:
         base = MLLM.from_llava(comp["llava"], vision_tower=comp.get("vision_tower"),
                                torch_dtype=torch_dtype)
@@ -487,7 +491,8 @@ def load_checkpoint_model(checkpoint, torch_dtype=torch.float32) -> MLLM:
         model = MLLM(base.vision_tower, projector_from_config(mc["projector"]), llm,
                      base.image_token_id, vision_feature_layer=mc["vision_feature_layer"],
                      vision_select_feature=mc.get("vision_select_feature", "patch"),
-                     tokenizer=base.tokenizer, image_processor=base.image_processor)
+                     tokenizer=base.tokenizer, image_processor=base.image_processor,
+                     image_aspect_ratio=aspect)
         if torch_dtype is not None:
             model.projector.to(torch_dtype)
     else:
@@ -496,8 +501,18 @@ def load_checkpoint_model(checkpoint, torch_dtype=torch.float32) -> MLLM:
                            tokenizer=comp["tokenizer"], image_processor=comp["image_processor"],
                            vision_feature_layer=mc["vision_feature_layer"],
                            vision_select_feature=mc.get("vision_select_feature", "patch"),
-                           dtype=torch_dtype)
+                           dtype=torch_dtype, image_aspect_ratio=aspect)
     model.projector.load_state_dict(torch.load(ck / "projector.pt", map_location="cpu"))
+    if rc.get("model_args", {}).get("unfreeze_mm_vision_tower"):  # the trained tower
+        tower = {k[len("vision_tower."):]: v for k, v in torch.load(
+            ck / TRAINABLE, map_location="cpu").items() if k.startswith("vision_tower.")}
+        own = model.vision_tower.state_dict()
+        if set(tower) != {k for k, _ in model.vision_tower.named_parameters()}:
+            raise ValueError(f"checkpoint {str(ck)!r} was trained with "
+                             f"unfreeze_mm_vision_tower but its {TRAINABLE} does not hold the "
+                             f"tower's parameters")
+        model.vision_tower.load_state_dict({**own, **{
+            k: v.to(own[k].dtype) for k, v in tower.items()}}, strict=True)
     if (ck / "adapter").is_dir():
         model.load_lora(ck / "adapter")
     return model
@@ -511,7 +526,9 @@ def export_merged(checkpoint, output, dtype: str = "float32", fmt: str = "mllm",
     the whole model); ``fmt="llava"``: a llava-hf directory (``LlavaForConditionalGeneration``
     / ``AutoProcessor``; 2-layer MLP projectors only) whose chat template is ``template``
     (default: the run's ``--version``) and whose image processor pads to a square or not as
-    the run's ``--image_aspect_ratio`` did (so serving sees the images as training did)."""
+    the run's ``--image_aspect_ratio`` did (the model's ``image_aspect_ratio``, so serving
+    sees the images as training did). A tower trained with ``--unfreeze_mm_vision_tower`` is
+    exported with its trained weights."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if fmt not in ("mllm", "llava"):
@@ -531,9 +548,6 @@ def export_merged(checkpoint, output, dtype: str = "float32", fmt: str = "mllm",
         if data_args.get("image_resize", "fixed") == "native":
             warnings.warn("the run was trained with --image_resize native; the llava-hf export "
                           "serves images at the tower's fixed size")
-        else:
-            model.image_processor = padding_processor(
-                model.image_processor, data_args.get("image_aspect_ratio", "pad") == "pad")
         model.save_llava(output, template=template)
     else:
         model.save_pretrained(output)
