@@ -24,8 +24,12 @@ run: $(PY)
 demo: $(PY)
 	$(PY) -m pargo_kernels.demo
 
+# The CPU run (what CI runs): the Triton kernels under Triton's interpreter, chosen here, never by
+# the tests. On a GPU machine: `make test TRITON_INTERPRET=0` (compiled kernels on CUDA tensors).
+TRITON_INTERPRET ?= 1
+
 test: $(PY)
-	$(PY) -m pytest -q
+	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest -q
 
 aot: $(PY)
 	$(PY) -m pargo_kernels.aot
