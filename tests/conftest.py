@@ -36,6 +36,27 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def sparse_buffer(monkeypatch):
+    """``make(n, dtype)``: an uninitialised buffer of ``n`` elements on ``DEVICE`` of which a
+    test touches a few rows (offsets past 2^31 elements). CPU: virtual memory, pages allocated
+    when touched, and the interpreter is kept from copying the whole storage back after each
+    launch (on CPU its host copy *is* the tensor). CUDA: real memory; skipped, with the reason,
+    where the GPU has too little free."""
+    def make(n, dtype):
+        if DEVICE == "cuda":
+            need, free = n * dtype.itemsize, torch.cuda.mem_get_info()[0]
+            if free < need + 2**30:
+                pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, "
+                            f"{free / 2**30:.1f} GiB free")
+        elif INTERPRET:
+            from triton.runtime import interpreter
+            monkeypatch.setattr(interpreter.GridExecutor, "_restore_args_dev",
+                                lambda *a, **k: None)
+        return torch.empty(n, dtype=dtype, device=DEVICE)
+    return make
+
+
 def pytest_configure(config):
     for line in ("triton: runs the Triton backend on the test device (skipped where Triton "
                  "cannot run: no CUDA GPU and no TRITON_INTERPRET=1)",
