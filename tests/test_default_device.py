@@ -287,3 +287,38 @@ def test_library_allocates_nothing_on_the_default_device():
 ])
 def test_default_device_allocation_detector(source, lines):
     assert default_device_allocations(source) == lines
+
+
+@pytest.mark.parametrize("default", DEFAULTS)
+@pytest.mark.parametrize("cfg_id", ["pargo-2d-official", "pargo-1d-cascade-causal", "qformer",
+                                    "deco", "cabstractor"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton),
+                                     "reference"])
+def test_projectors_do_not_depend_on_the_default_device(backend, cfg_id, default, device,
+                                                        set_default_device):
+    """The projectors' kernel path (models/projectors/), one image batch and a packed batch of
+    mixed grids (the plans built inside), built with the default device untouched: output, the
+    input's and every parameter's gradient bitwise equal under another default device."""
+    from test_projectors_packed import BASE, CONFIGS, MIXED, _perturbed
+    name, cfg = CONFIGS[cfg_id]
+    proj = _perturbed(name, cfg, torch.float32, backend=backend).to(device)
+    fixed = torch.randn(2, BASE[0] * BASE[1], 8, device=device)
+    packed = torch.randn(sum(r * c for r, c in MIXED), 8, device=device)
+
+    def run():
+        results = []
+        for x, kw in ((fixed, {}), (packed, dict(visual_grids=MIXED))):
+            x = x.detach().clone().requires_grad_(True)
+            proj.zero_grad(set_to_none=True)
+            y = proj(x, impl="kernels", **kw)
+            y = y[0] if isinstance(y, tuple) else y
+            y.square().sum().backward()
+            results += [y.detach(), x.grad] + [p.grad for p in proj.parameters()]
+        return results
+    want = run()
+    set_default_device(default)
+    got = run()
+    set_default_device(None)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.device == w.device and torch.equal(g, w), f"result {i} under default {default}"
