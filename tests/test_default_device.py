@@ -292,16 +292,16 @@ def test_default_device_allocation_detector(source, lines):
 @pytest.mark.parametrize("default", DEFAULTS)
 @pytest.mark.parametrize("cfg_id", ["pargo-2d-official", "pargo-1d-cascade-causal", "qformer",
                                     "deco", "cabstractor"])
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton),
-                                     "reference"])
-def test_projectors_do_not_depend_on_the_default_device(backend, cfg_id, default, device,
+def test_projectors_do_not_depend_on_the_default_device(cfg_id, default, device,
                                                         set_default_device):
     """The projectors' kernel path (models/projectors/), one image batch and a packed batch of
     mixed grids (the plans built inside), built with the default device untouched: output, the
-    input's and every parameter's gradient bitwise equal under another default device."""
+    input's and every parameter's gradient bitwise equal under another default device. On
+    pargo_kernels' reference backend: the Triton kernels' own independence is the ops test's
+    (under the interpreter these projectors cost ~1 min)."""
     from test_projectors_packed import BASE, CONFIGS, MIXED, _perturbed
     name, cfg = CONFIGS[cfg_id]
-    proj = _perturbed(name, cfg, torch.float32, backend=backend).to(device)
+    proj = _perturbed(name, cfg, torch.float32, backend="reference").to(device)
     fixed = torch.randn(2, BASE[0] * BASE[1], 8, device=device)
     packed = torch.randn(sum(r * c for r, c in MIXED), 8, device=device)
 
