@@ -36,9 +36,10 @@ test: $(PY)
 # Tests that hold on CUDA: the kernel and projector test files with no GPU visible and no
 # interpreter must give only passes and skips (a test that pins the Triton backend on CPU tensors
 # or assumes the interpreter fails here as it would on a CUDA machine). Cheap: the Triton cases
-# skip, the reference cases run again (~25 s of CPU). Left out: files that do not run the kernels
-# in this process (AOT / nvcc compiles, benchmark subprocesses, the trainer and digits study), and
-# the work-model CLI test, whose subprocess drops TRITON_INTERPRET anyway.
+# skip, the reference cases run again (23-48 s of CPU on a loaded 2-core machine). Left out:
+# files that do not run the kernels in this process (AOT / nvcc compiles, benchmark subprocesses,
+# the trainer and digits study), and the work-model CLI test, whose subprocess drops
+# TRITON_INTERPRET anyway.
 NO_INTERPRETER_SKIP := aot csrc_compile benchmarks_smoke bench_entry digits mllm mllm_varres \
 	train eval_mme mutants_apply
 test-no-interpreter: $(PY)
