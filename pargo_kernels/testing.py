@@ -111,3 +111,26 @@ def run_with_grads(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tenso
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return out, [x.grad for x in leaves]
+
+
+def triton_test_device() -> str:
+    """The device the tests run the Triton backend on: the CPU when Triton's interpreter is on
+    (``TRITON_INTERPRET=1``: it runs CPU tensors only), else CUDA when a GPU is visible, else
+    the CPU (where the Triton tests then skip, see :func:`triton_skip_reason`)."""
+    from ._backend import triton_interpret
+    if triton_interpret() or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def triton_skip_reason(device) -> str:
+    """Why the Triton backend cannot run on ``device`` in this process ("" when it can): the
+    reason a test that needs it is skipped with."""
+    from ._backend import triton_available, triton_device_reasons, triton_interpret
+    why = triton_device_reasons([torch.empty(0, device=device)])
+    if not why:
+        return ""
+    if triton_available() and torch.device(device).type == "cpu" and not triton_interpret():
+        return ("Triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (CPU tensors, "
+                "interpreter off)")
+    return "Triton backend cannot run here: " + "; ".join(why)

@@ -224,7 +224,9 @@ def _per_seq_ints(name: str, value, n_seq: int) -> list[int]:
 
 
 def _to_device(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    host = torch.tensor(rows, dtype=torch.int64)
+    # host copies are built on the CPU whatever torch.set_default_device says (a CUDA default
+    # would put them on the GPU, and pin_memory() refuses a GPU tensor)
+    host = torch.tensor(rows, dtype=torch.int64, device="cpu")
     meta = host.to(torch.int32)
     device = torch.device(device)
     if device.type == "cuda":  # pinned + non_blocking: an asynchronous copy, no sync
@@ -295,7 +297,7 @@ def _attention_plan(kind: int, cu_q: list[int], cu_k: list[int], params: list[tu
                     + [t[i] for t in qtiles] + [t[i] for t in ktiles] + [t[i] for t in stiles])
     meta, host = _to_device(rows, device)
     # host-side bounds: longest Nq, Nv; the batch's split count S; global rows of split sequences
-    extra = torch.tensor([max(nq), max(nv), n_split, gstart[-1]], dtype=torch.int64)
+    extra = torch.tensor([max(nq), max(nv), n_split, gstart[-1]], dtype=torch.int64, device="cpu")
     return VarlenPlan(kind, meta, host, extra, _token(cu_k[-1], device), _token(cu_q[-1], device))
 
 
@@ -376,9 +378,10 @@ def plan_pool(cu_seqlens, in_grids, out_grids, *, device="cpu") -> VarlenPlan:
                           max(max_span(wi, wo) for (_, wi), (_, wo) in zip(ins, outs)),
                           max(max_span(ho, hi) for (hi, _), (ho, _) in zip(ins, outs)),
                           max(max_span(wo, wi) for (_, wi), (_, wo) in zip(ins, outs))],
-                         dtype=torch.int64)
+                         dtype=torch.int64, device="cpu")
     return VarlenPlan(KIND_POOL, meta, host, extra, _token(cu[-1], device),
-                      _token(cu_out[-1], device), torch.tensor(cu_out, dtype=torch.int32))
+                      _token(cu_out[-1], device), torch.tensor(cu_out, dtype=torch.int32,
+                                                               device="cpu"))
 
 
 __all__ = ["VarlenPlan", "plan_partial_global", "plan_band", "plan_pool", "TILE_SIZES"]

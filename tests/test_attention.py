@@ -18,7 +18,8 @@ from pargo_kernels.testing import assert_close, randn, rel_error, run_with_grads
 # "reference-dispatch" runs the oracle's own code (in the inputs' dtype, through the public
 # function): it checks dispatch and dtype handling, not the masks, which have their own
 # definition tests in tests/test_masks_and_errors.py.
-BACKENDS = ["triton", pytest.param("reference", id="reference-dispatch")]
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("reference", id="reference-dispatch")]
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +76,7 @@ def test_partial_global_matches_oracle(case, backend, device):
            backend)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["paper", "d80-noncontig", "dv-differs", "2d-noncontig"])
@@ -131,6 +133,7 @@ def lower_split_threshold(monkeypatch) -> list:
     return names
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["1d", "2d", "pgself"])
 def test_global_rows_split_over_keys(variant, dtype, device, monkeypatch):
@@ -159,6 +162,7 @@ def test_global_rows_split_over_keys(variant, dtype, device, monkeypatch):
     assert ("dq_delta" in splits) == (dtype != torch.float32)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["d80-noncontig", "symmetric-cascade"])
@@ -172,12 +176,14 @@ def test_band_dtypes_and_layouts(variant, dtype, device):
            dtype, device, "triton", layout)
 
 
+@pytest.mark.triton
 def test_custom_scale(device):
     mask = PartialGlobalMask(12, 30, 10)
     _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 10, scale=0.3, backend=be),
            mask, 1, 2, 32, 32, torch.float32, device, "triton", scale=0.3)
 
 
+@pytest.mark.triton
 def test_tolerance_discriminates_a_wrong_window(device):
     """The comparison can fail: the kernel's output checked against the oracle of a mask shifted
     by one partial query must exceed the tolerance by far."""
@@ -192,6 +198,7 @@ def test_tolerance_discriminates_a_wrong_window(device):
     assert rel_error(out, wrong) > 100 * 2e-5
 
 
+@pytest.mark.triton
 def test_unwritten_output_is_caught(device, monkeypatch):
     """If the kernel skipped rows, the NaN poison would surface: simulate it by shrinking the grid."""
     q, k, v = (randn((1, 1, n, 16), torch.float32, device, requires_grad=False)
@@ -207,15 +214,14 @@ def test_unwritten_output_is_caught(device, monkeypatch):
     assert rel_error(out, ref) == float("inf")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a GPU: B*H > 65,535 programs run serially in the interpreter")
+@pytest.mark.gpu(reason="B*H > 65,535 programs run serially in the interpreter")
 def test_batch_heads_above_grid_limit():
     mask = PartialGlobalMask(6, 8, 4)
     _check(lambda q, k, v, be: pk.partial_global_attention(q, k, v, 4, backend=be), mask,
            65_537, 1, 16, 16, torch.float16, "cuda", "triton")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu(reason="the paper's full batch")
 def test_paper_shape_full_batch_on_gpu():
     mask = PartialGlobalMask(304, 576, 288)
     for dtype in (torch.bfloat16, torch.float16):
@@ -223,6 +229,7 @@ def test_paper_shape_full_batch_on_gpu():
                256, 8, 64, 64, dtype, "cuda", "triton")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("head_dim", [16, 96, 256])
 def test_head_dim_range(head_dim, device):
     """Both ends of the supported head dims (16..256) and a non-power of two, both ops."""

@@ -38,6 +38,7 @@ def _rel_rms(actual, expected) -> float:
     return ((a - e).norm() / e.norm()).item()
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", ["pg1d", "band"])
 def test_sharp_bf16_backward_within_2x_of_pytorch(name, device):
     """q scaled by 8: attention is nearly one-hot, where a delta from the rounded bf16 output
@@ -65,6 +66,7 @@ def test_sharp_bf16_backward_within_2x_of_pytorch(name, device):
         assert err <= budget, f"{gname}: relative RMS error {err:.2e} > 2x PyTorch bf16 ({budget:.2e})"
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(MASKS))
 def test_saved_lse_is_base2_logsumexp(name, dtype, device):
@@ -82,6 +84,7 @@ def test_saved_lse_is_base2_logsumexp(name, dtype, device):
                  factor=1 if dtype == torch.float32 else 5)
 
 
+# "triton" refuses a bad scale before it needs a device it can run on (no triton mark)
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", ["pg1d", "band"])
@@ -93,7 +96,8 @@ def test_nonfinite_scale_is_refused(name, bad, backend, device):
         _call(mask, q, k, v, backend, scale=bad)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton),
+                                     "reference"])
 @pytest.mark.parametrize("bh", [(0, 2), (2, 0)], ids=["B0", "H0"])
 @pytest.mark.parametrize("name", list(MASKS))
 def test_zero_batch_or_heads(name, bh, backend, device):
@@ -109,6 +113,7 @@ def test_zero_batch_or_heads(name, bh, backend, device):
 
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("D", [96, 256])
 @pytest.mark.parametrize("name", ["band-width-1", "one-key"])
 def test_one_key_rows_have_zero_dq_dk_up_to_roundoff(name, D, device):

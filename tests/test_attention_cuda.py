@@ -139,6 +139,7 @@ def test_paper_shape_full_batch():
         _check(_pg(mask), mask, 256, 8, 64, 64, dtype, DEVICE, "cuda")
 
 
+@pytest.mark.gpu(reason="compares with the compiled Triton kernels on the same CUDA tensors")
 def test_cuda_agrees_with_triton():
     """Same statistics (base-2 lse) and outputs as the Triton backend, to rounding."""
     mask = PartialGlobalMask(150, 333, 144, None, None)

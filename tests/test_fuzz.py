@@ -51,9 +51,9 @@ from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.ops import attention_triton, pool_triton, varlen_pool_triton, varlen_triton
 from pargo_kernels.pooling import pool_project_reference, pool_tokens_reference
 from pargo_kernels.reference import masked_attention
-from pargo_kernels.testing import assert_close, attention_grad_roundoff
+from pargo_kernels.testing import assert_close, attention_grad_roundoff, triton_test_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_test_device()  # as the conftest's `device` fixture
 EXAMPLES = int(os.environ.get("PARGO_FUZZ_EXAMPLES", "12"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -571,6 +571,7 @@ def check_case(case: Case, backend: str = "triton") -> None:
         assert_close(f"d{name}", got, exact, case.dtype, roundoff=roundoff[name])
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("op", list(VALID))
 def test_fuzz_matches_oracle(op):
     @FUZZ
@@ -608,7 +609,7 @@ def _attn_corruptions(draw, args, names_qkv, self_attention):
     if how == "not_tensor":
         new = draw(st.sampled_from(NOT_A_TENSOR))
     elif how == "dtype":
-        new = torch.zeros(t.shape, dtype=draw(st.sampled_from(WRONG_DTYPES)))
+        new = torch.zeros(t.shape, dtype=draw(st.sampled_from(WRONG_DTYPES)), device=t.device)
     elif how == "other_float":
         other = [d for d in (torch.float16, torch.bfloat16, torch.float64) if d != t.dtype]
         new = t.to(draw(st.sampled_from(other)))
@@ -805,7 +806,8 @@ def invalid_pool(draw):
             args[what] = draw(st.sampled_from([b for b in NOT_A_TENSOR if b is not None]
                                               if what == "bias" else NOT_A_TENSOR))
         elif how == "dtype":
-            args[what] = torch.zeros(t.shape, dtype=draw(st.sampled_from(WRONG_DTYPES)))
+            args[what] = torch.zeros(t.shape, dtype=draw(st.sampled_from(WRONG_DTYPES)),
+                                     device=t.device)
         elif how == "other_float":
             other = [d for d in (torch.float16, torch.bfloat16, torch.float64) if d != dtype]
             args[what] = t.to(draw(st.sampled_from(other)))

@@ -17,7 +17,7 @@ from pargo_kernels.testing import assert_close, randn
 from test_attention import _check, poison_outputs  # noqa: F401 (autouse NaN poison)
 from test_attention_cuda import _WHY as CUDA_WHY
 
-BACKENDS = ["triton", "reference"]
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "reference"]
 
 
 def _op(mask, scale=None):
@@ -48,6 +48,7 @@ def test_matches_oracle(case, backend, device):
     _check(_op(mask), mask, 2, 2, 32, 32, torch.float32, device, backend)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["d80-strided", "dv-differs"])
@@ -59,11 +60,13 @@ def test_dtypes_head_dims_and_strides(variant, dtype, device):
     _check(_op(mask), mask, 1, 2, D, Dv, dtype, device, "triton", layout)
 
 
+@pytest.mark.triton
 def test_custom_scale(device):
     mask = ParGoSelfMask(30, 20, 2, 2)
     _check(_op(mask, 0.3), mask, 1, 2, 32, 32, torch.float32, device, "triton", scale=0.3)
 
 
+@pytest.mark.triton
 def test_equals_band_plus_full_attention(device):
     """The one-launch op is the two-launch composition it replaces (band among partials, full
     attention among globals, concatenated)."""
@@ -110,6 +113,7 @@ def _recording(monkeypatch):
     return seen
 
 
+@pytest.mark.triton
 def test_window_is_runtime_no_recompilation(device, monkeypatch):
     """A new window per layer (and a new n_partial) compiles nothing new: the window reaches the
     kernels only through P0..P2, which are do_not_specialize'd, so every launch's compile-time
@@ -126,6 +130,7 @@ def test_window_is_runtime_no_recompilation(device, monkeypatch):
     assert len(set(seen)) == 3, set(seen)  # one specialisation per kernel
 
 
+@pytest.mark.triton
 def test_opcheck(device):
     mask = ParGoSelfMask(21, 13, 4, 2)
     q, k = (randn((2, 2, 21, 16), torch.float32, device) for _ in range(2))
@@ -158,6 +163,7 @@ class TwoLayerSelfAttention(torch.nn.Module):
         return x
 
 
+@pytest.mark.triton
 def test_torch_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
     model = TwoLayerSelfAttention(20, 14, 32, 2, [(3, 0), None]).to(device)

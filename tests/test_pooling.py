@@ -19,7 +19,7 @@ from pargo_kernels.testing import assert_close, randn, rel_error, run_with_grads
 
 _CUDA_WHY = "; ".join(_cuda.cuda_extension_reasons(
     [torch.empty(0, device="cuda")] if torch.cuda.is_available() else [torch.empty(0)]))
-BACKENDS = ["triton", "reference",
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "reference",
             pytest.param("cuda", marks=pytest.mark.skipif(bool(_CUDA_WHY), reason=_CUDA_WHY))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -106,11 +106,12 @@ def _bias(NF, dtype, device, layout):
 
 
 # (backend, fused): the default Triton path (pool kernel + F.linear), the fused kernel, eager
-PATHS = [("triton", None), ("triton", True), ("reference", None)]
-PATH_IDS = ["triton", "triton-fused", "reference"]
+PATHS = [pytest.param("triton", None, marks=pytest.mark.triton, id="triton"),
+         pytest.param("triton", True, marks=pytest.mark.triton, id="triton-fused"),
+         pytest.param("reference", None, id="reference")]
 
 
-@pytest.mark.parametrize("backend, fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("backend, fused", PATHS)
 @pytest.mark.parametrize("case", list(GRIDS))
 def test_pool_project_matches_oracle(case, backend, fused, device):
     in_grid, out_grid, C = GRIDS[case]
@@ -123,6 +124,7 @@ def test_pool_tokens_dtypes_noncontiguous(dtype, backend, device):
     _check_pool((27, 27), (12, 12), 72, dtype, device, backend, contiguous=False)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_pool_project_dtypes_noncontiguous(dtype, fused, device):
@@ -130,6 +132,7 @@ def test_pool_project_dtypes_noncontiguous(dtype, fused, device):
                    fused=fused)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_pool_project_without_bias(dtype, fused, device):
@@ -137,6 +140,7 @@ def test_pool_project_without_bias(dtype, fused, device):
                    fused=fused)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
 @pytest.mark.parametrize("layout", ["strided", "expanded"])
 def test_pool_project_bias_strides(layout, fused, device):
@@ -154,7 +158,7 @@ def _pool_matrix(in_grid, out_grid):
 ZERO_SIZES = {"B=0": (0, 24, 16), "C=0": (2, 0, 16), "NF=0": (2, 24, 0)}
 
 
-@pytest.mark.parametrize("backend, fused", PATHS[:2], ids=PATH_IDS[:2])
+@pytest.mark.parametrize("backend, fused", PATHS[:2])
 @pytest.mark.parametrize("case", list(ZERO_SIZES))
 def test_zero_sizes(case, backend, fused, device):
     """Empty batch / channels / out-features: the right (possibly empty) outputs and grads.
@@ -187,11 +191,13 @@ def test_zero_sizes(case, backend, fused, device):
             assert_close(name, got, want, torch.float32)
 
 
+@pytest.mark.triton
 def test_upsampling_grid(device):
     """Out grid larger than the in grid (every input token feeds several output cells)."""
     _check_pool((4, 5), (6, 7), 24, torch.float32, device, "triton")
 
 
+@pytest.mark.triton
 def test_tolerance_discriminates_a_wrong_window(device):
     """floor/floor windows (a plausible bug) instead of floor/ceil differ far above tolerance."""
     x = _tokens(2, (27, 27), 16, torch.float32, device)
@@ -204,6 +210,7 @@ def test_tolerance_discriminates_a_wrong_window(device):
     assert rel_error(out, wrong) > 100 * 2e-5
 
 
+@pytest.mark.triton
 def test_unwritten_output_is_caught(device, monkeypatch):
     """If a launcher skipped a tile, the NaN poison would surface: drop the last row tile."""
     x = _tokens(1, (24, 24), 40, torch.float32, device)
@@ -214,6 +221,7 @@ def test_unwritten_output_is_caught(device, monkeypatch):
     assert rel_error(out, pool_tokens_reference(x, (24, 24), (12, 12))) == float("inf")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_tile_configs(dtype, device, monkeypatch):
     """The interpreter normally gets larger tiles (see pool_config); run the GPU's tiles too."""
@@ -227,6 +235,7 @@ def test_gpu_tile_configs(dtype, device, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
+@pytest.mark.triton
 def test_opcheck(device):
     x = _tokens(2, (5, 7), 24, torch.float32, device).requires_grad_()
     w = randn((16, 24), torch.float32, device)
@@ -243,6 +252,7 @@ def test_opcheck(device):
                           (dyp, x.detach(), w.detach(), True, *grids, "triton"))
 
 
+@pytest.mark.triton
 def test_torch_compile_fullgraph(device):
     class Projector(torch.nn.Module):
         def __init__(self):
@@ -328,7 +338,7 @@ def test_validation(call, exc, match):
         call(x, w)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu(reason="SigLIP's full shape")
 def test_siglip_shape_on_gpu():
     for dtype in (torch.bfloat16, torch.float16):
         _check_pool((27, 27), (12, 12), 1152, dtype, "cuda", "triton", B=16)

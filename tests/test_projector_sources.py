@@ -47,15 +47,16 @@ def test_official_self_mask_is_the_released_one_in_every_layer(np_, ng):
         assert torch.equal(mask, expected)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("n,np_,window", [(9, 6, None), (9, 6, (2, 1)), (9, 6, (0, 0)),
                                           (7, 0, None), (7, 7, (1, 3)), (5, 5, (9, 9))])
-def test_self_attention_helper_against_dense_oracle(n, np_, window):
+def test_self_attention_helper_against_dense_oracle(n, np_, window, device):
     """``_self_attention`` (the one call the fused ``pargo_self_attention`` replaces): output and
     q/k/v gradients against eager float64 attention under the dense mask."""
     b, h, d = 2, 2, 16
-    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
-    g = torch.randn(b, h, n, d, dtype=torch.float64)
-    mask = QuerySelfPattern(np_, n - np_, window).materialize()
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, device=device) for _ in range(3))
+    g = torch.randn(b, h, n, d, dtype=torch.float64, device=device)
+    mask = QuerySelfPattern(np_, n - np_, window).materialize(device)
 
     def run(fn, dtype):
         leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
@@ -128,11 +129,13 @@ def test_load_bert_refuses_mismatches():
 # ---------------------------------------------------------------------------------------------
 # every projector: an empty batch, invalid dropout
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["kernels", "reference"])
-@pytest.mark.parametrize("name", models.projector_names())  # a new one needs a SMALL entry
-def test_empty_batch(name, impl):
-    proj = perturb_(build(name))
-    x = torch.randn(0, 48, VISION, requires_grad=True)
+@pytest.mark.parametrize("name, impl", [  # a new projector needs a SMALL entry
+    pytest.param(name, "kernels", marks=pytest.mark.triton, id=f"{name}-kernels")
+    for name in models.projector_names() if name in WITH_KERNELS] + [
+    pytest.param(name, "reference", id=f"{name}-reference") for name in models.projector_names()])
+def test_empty_batch(name, impl, device):
+    proj = perturb_(build(name)).to(device)
+    x = torch.randn(0, 48, VISION, device=device, requires_grad=True)
     y = proj(x, impl=impl) if name in WITH_KERNELS else proj(x)
     assert y.shape == (0, proj.num_visual_tokens, LLM)
     y.sum().backward()
@@ -243,12 +246,13 @@ def test_qformer_presets():
         build("qformer", cross_attention_freq=0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_qformer_blip2_tiny_matches_reference(dtype):
+def test_qformer_blip2_tiny_matches_reference(dtype, device):
     proj = build("qformer", preset="blip2", n_query=6, n_layers=4, hidden=32, heads=2,
                  intermediate=48)
     assert layer_sizes(proj)["cross"] == [0, 2]
-    compare("qformer", perturb_(proj), dtype)
+    compare("qformer", perturb_(proj), dtype, device)
 
 
 def test_relevance_skips_layers_without_cross_attention():

@@ -50,6 +50,9 @@ SMALL = {
     "mlp": dict(depth=3, bias=False, act="gelu_pytorch_tanh"),
 }
 WITH_KERNELS = ["pargo", "qformer", "deco", "cabstractor"]
+# backends of the kernels inside: the Triton kernels (skipped where Triton cannot run) and
+# pargo_kernels' reference backend (the kernel path's code with the eager ops)
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "reference"]
 
 
 def build(name, **over):
@@ -80,9 +83,12 @@ def run(proj, x, g, impl):
     return y.detach(), grads
 
 
-def compare(name, proj, dtype, batch=2):
-    x = torch.randn(batch, GRID[0] * GRID[1], VISION)
-    g = torch.randn(batch, proj.num_visual_tokens, LLM)
+def compare(name, proj, dtype, device, batch=2):
+    """``proj``'s kernel path (on ``device``) against the float64 oracle, judged by the module
+    docstring's rule; returns the kernel path's output."""
+    proj = proj.to(device)
+    x = torch.randn(batch, GRID[0] * GRID[1], VISION, device=device)
+    g = torch.randn(batch, proj.num_visual_tokens, LLM, device=device)
     oracle = copy.deepcopy(proj).double()
     y64, g64 = run(oracle, x.double(), g.double(), "reference")
     low = copy.deepcopy(proj).to(dtype)
@@ -102,12 +108,14 @@ def compare(name, proj, dtype, batch=2):
     return yk
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", WITH_KERNELS)
-def test_kernels_match_reference(name, dtype):
-    compare(name, perturb_(build(name)), dtype)
+def test_kernels_match_reference(name, dtype, device):
+    compare(name, perturb_(build(name)), dtype, device)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("cfg", [      # self_attn="official" (the default) unless given
     dict(self_attn="cascade"),          # the paper's cascade, symmetric bands
     dict(self_attn="cascade", cascade_mode="causal"),
@@ -116,29 +124,31 @@ def test_kernels_match_reference(name, dtype):
     dict(n_partial=0, n_global=6),      # global only (a Q-Former through the ParGo class)
     dict(n_partial=7, n_global=3),      # 7 does not divide 48: uneven windows
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_pargo_variants_match_reference(cfg):
-    compare("pargo", perturb_(build("pargo", **cfg)), torch.float32)
+def test_pargo_variants_match_reference(cfg, device):
+    compare("pargo", perturb_(build("pargo", **cfg)), torch.float32, device)
 
 
-def test_wrong_mask_is_caught(monkeypatch):
+@pytest.mark.triton
+def test_wrong_mask_is_caught(device, monkeypatch):
     """The comparison can fail: with the reference's cross-attention windows shifted by one
     query (the oracle shares them), the kernel path is rejected."""
     orig = CrossPattern.materialize
     monkeypatch.setattr(CrossPattern, "materialize",
                         lambda self, device=None: orig(self, device).roll(1, dims=0))
     with pytest.raises(AssertionError, match="kernels"):
-        compare("pargo", perturb_(build("pargo")), torch.float32)
+        compare("pargo", perturb_(build("pargo")), torch.float32, device)
 
 
-def test_fast_path_builds_no_dense_mask(monkeypatch):
+@pytest.mark.triton
+def test_fast_path_builds_no_dense_mask(device, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a dense mask was materialised on the kernel path")
 
     for cls in (PartialGlobalMask, BandMask, QuerySelfPattern):
         monkeypatch.setattr(cls, "materialize", boom)
     for name in WITH_KERNELS:
-        proj = build(name)
-        y = proj(torch.randn(2, 48, VISION))
+        proj = build(name).to(device)
+        y = proj(torch.randn(2, 48, VISION, device=device))
         y.sum().backward()
         assert torch.isfinite(y).all()
 
@@ -188,11 +198,12 @@ def test_pargo_self_masks_are_cascaded_blocks(mode):
 # ---------------------------------------------------------------------------------------------
 # registry, configs, shapes
 # ---------------------------------------------------------------------------------------------
-def test_registry_builds_all_six():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registry_builds_all_six(backend, device):
     assert set(models.projector_names()) >= set(SMALL)
     for name in SMALL:
-        proj = build(name)
-        y = proj(torch.randn(3, 48, VISION))
+        proj = build(name, **({"backend": backend} if name in WITH_KERNELS else {})).to(device)
+        y = proj(torch.randn(3, 48, VISION, device=device))
         assert y.shape == (3, proj.num_visual_tokens, LLM)
         assert torch.isfinite(y).all()
     assert build("mlp2x_gelu").num_visual_tokens == 48
@@ -201,16 +212,20 @@ def test_registry_builds_all_six():
         == 304
 
 
-@pytest.mark.parametrize("name", list(SMALL))
-def test_config_json_round_trip(name, tmp_path):
-    proj = perturb_(build(name))
+@pytest.mark.parametrize("name, backend", [
+    pytest.param(name, "triton", marks=pytest.mark.triton, id=f"{name}-triton")
+    for name in WITH_KERNELS] + [pytest.param(name, "reference", id=name) for name in SMALL])
+def test_config_json_round_trip(name, backend, device, tmp_path):
+    proj = perturb_(build(name, **({"backend": backend} if name in WITH_KERNELS else {})))
+    proj = proj.to(device)
     path = tmp_path / "projector.json"
     models.save_projector_config(proj, path)
     assert json.loads(path.read_text())["name"] == name
     again = models.load_projector_config(path)
     assert again.config == proj.config
+    again = again.to(device)
     again.load_state_dict(proj.state_dict())
-    x = torch.randn(2, 48, VISION)
+    x = torch.randn(2, 48, VISION, device=device)
     torch.testing.assert_close(again(x), proj(x), rtol=0, atol=0)
 
 

@@ -202,6 +202,7 @@ def test_packed_equals_each_image_alone_float64(cfg_id, monkeypatch):
             assert built.count("plan_band") == expected, built
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("cfg_id", [c for c in CONFIGS if c != "pargo-partial-only"])
 def test_packed_triton_kernels_match_each_image_alone(cfg_id, monkeypatch, device):
     """``impl="kernels"`` on the Triton varlen kernels (the interpreter on a CPU), float32,

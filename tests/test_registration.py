@@ -7,6 +7,8 @@ import pargo_kernels as pk
 from pargo_kernels.masks import BandMask, PartialGlobalMask
 from pargo_kernels.testing import assert_close, randn
 
+pytestmark = pytest.mark.triton  # both tests run the Triton backend (the registered ops' own)
+
 MASKS = {
     "pg1d": PartialGlobalMask(20, 37, 13),
     "pg2d": PartialGlobalMask(9, 35, 6, (5, 7), (3, 2)),

@@ -151,6 +151,7 @@ def _attention_case(seqs, mode, dtype, device, strided, window=None, scale=None,
         _check(name, g, r, dtype, what)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("mode", ["pg1d", "pg2d"])
 def test_partial_global_varlen(mode, dtype, device):
@@ -161,6 +162,7 @@ def test_partial_global_varlen(mode, dtype, device):
     _attention_case(seqs, mode, dtype, device, strided=dtype == torch.float16)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_band_varlen(dtype, device):
     seqs = [(n, n) for n in _batch(lambda s: 1 if s else random.randint(2, 70), ("one",))]
@@ -169,17 +171,18 @@ def test_band_varlen(dtype, device):
                     scale=0.3)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.triton
 @pytest.mark.parametrize("mode,dtype,dims", [
     ("pg2d", torch.float32, (16, 24)),   # fp32 forward and dK/dV d=32: 16x32 tiles
     ("pg1d", torch.bfloat16, (64, 64)),  # 16-bit forward 64x32, dQ 32x64, dK/dV 32x32
     ("band", torch.float16, (16, 16)),   # 16-bit forward d=16: 64x32
     ("band", torch.float32, (128, 96)),  # fp32 dQ d=128: 32x16
 ], ids=["pg2d-fp32-d32", "pg1d-bf16-d64", "band-fp16-d16", "band-fp32-d128"])
-def test_sm86_tiles_match_the_oracle(mode, dtype, dims, monkeypatch):
+def test_sm86_tiles_match_the_oracle(mode, dtype, dims, device, monkeypatch):
     """The launchers with sm_86's own tile table (what an RTX 30xx / A10 runs; the other tests
-    run DEFAULT_ARCH's) against the per-sequence float64 oracle, under the interpreter: the tile
-    shapes are right (warps and stages only matter on a GPU; the AOT test covers those)."""
+    run the device's: DEFAULT_ARCH's under the interpreter) against the per-sequence float64
+    oracle: the tile shapes are right (under the interpreter warps and stages do not matter;
+    the AOT test covers those)."""
     monkeypatch.setattr(varlen_triton, "_arch", lambda t: 86)
     used = []
     config = varlen_triton.varlen_tile_config
@@ -199,7 +202,7 @@ def test_sm86_tiles_match_the_oracle(mode, dtype, dims, monkeypatch):
         seqs.append((random.randint(130, 160),) * 2)
     random.shuffle(seqs)
     window = (random.randint(0, 12), random.randint(0, 5)) if mode == "band" else None
-    _attention_case(seqs, mode, dtype, "cpu", strided=False, window=window, dims=dims)
+    _attention_case(seqs, mode, dtype, device, strided=False, window=window, dims=dims)
     assert len(used) == 3 and {a[-1] for a in used} == {86}, used
     tile = lambda *a: (config(*a)["BLOCK_M"], config(*a)["BLOCK_N"])  # noqa: E731
     assert [a for a in used if tile(*a) != tile(*a[:-1], 90)], used  # not DEFAULT_ARCH's tiles
@@ -213,6 +216,7 @@ def _per_seq_window(n):
             "any": (random.randint(0, n), random.randint(0, n))}[kind]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_band_varlen_per_sequence_windows(dtype, device):
     """Every sequence its own window (as a list of pairs or an int tensor [n_seq, 2]): each
@@ -236,12 +240,14 @@ def test_band_varlen_per_sequence_windows(dtype, device):
                     per_seq_windows=windows)
 
 
+@pytest.mark.triton
 def test_band_varlen_wide_window_stays_in_sequence(device):
     """A window wider than every sequence is full attention within each, never across."""
     seqs = [(n, n) for n in (random.randint(20, 40), 1, random.randint(20, 40))]
     _attention_case(seqs, "band", torch.float32, device, strided=False, window=(10**9, 10**9))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("mode", ["pg1d", "pg2d", "band"])
 def test_reference_backend_matches_triton(mode, device):
     """backend="reference" (a loop over the fixed-shape references) equals the kernels."""
@@ -260,6 +266,11 @@ def test_reference_backend_matches_triton(mode, device):
             if mode == "pg2d" else {}
     _check("reference backend", fn(q, k, v, *args, backend="reference", **kw),
            fn(q, k, v, *args, backend="triton", **kw), torch.float32, seqs)
+
+
+def test_reference_pooling_matches_oracle(device):
+    """backend="reference" of the packed pooling (a loop over the fixed-shape reference) equals
+    the per-image float64 oracle."""
     images = _pool_batch()
     cu = _offsets([a * b for (a, b), _ in images])
     x = torch.randn(cu[-1], 8, device=device)
@@ -269,6 +280,7 @@ def test_reference_backend_matches_triton(mode, device):
            _pool_oracle(x, images), torch.float32, images)
 
 
+@pytest.mark.triton
 def test_plan_reuse_matches_and_builds_nothing(device, monkeypatch):
     seqs = _batch(_pg2d_seq, ("1x1",), n_min=2)
     nq, nv = [s[0] for s in seqs], [s[1] for s in seqs]
@@ -301,7 +313,7 @@ def test_plan_reuse_matches_and_builds_nothing(device, monkeypatch):
                windows)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only on a GPU")
+@pytest.mark.gpu(reason="host-device syncs exist only on a GPU")
 def test_plan_run_does_not_synchronise():
     plan = pk.plan_band([0, 5, 12], device="cuda")
     q = torch.randn(12, H, D, device="cuda")
@@ -344,6 +356,7 @@ def _pool_oracle(x, images, project=None):
     return torch.cat(outs)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_pool_tokens_varlen(dtype, device):
     images = _pool_batch()
@@ -363,6 +376,7 @@ def test_pool_tokens_varlen(dtype, device):
     _check("dx", dx, ref_dx, dtype, images)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float16, False),
                                         (torch.bfloat16, True)], ids=["fp32", "fp16", "bf16"])
 def test_pool_project_varlen(dtype, bias, device):
@@ -387,6 +401,7 @@ def test_pool_project_varlen(dtype, bias, device):
         _check(name, g, r, dtype, images)
 
 
+@pytest.mark.triton
 def test_pool_single_out_grid_and_tensor_arguments(device):
     ins = torch.tensor([[5, 7], [3, 3]])
     x = torch.randn(44, 8, device=device)
@@ -400,6 +415,7 @@ def test_pool_single_out_grid_and_tensor_arguments(device):
 # --------------------------------------------------------------------------------------------
 # torch.compile: one graph for batches of different lengths
 # --------------------------------------------------------------------------------------------
+@pytest.mark.triton
 def test_compile_does_not_recompile_across_batches(device):
     from torch._dynamo.utils import counters
 
@@ -438,6 +454,7 @@ def test_compile_does_not_recompile_across_batches(device):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.mark.triton
 def test_compile_does_not_recompile_across_per_sequence_windows(device):
     """Plans with per-sequence windows (the windows are plan tensors, not constants): one graph
     for batches of different lengths, counts and windows, forward and backward."""
@@ -463,6 +480,7 @@ def test_compile_does_not_recompile_across_per_sequence_windows(device):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.mark.triton
 def test_opcheck_varlen_ops(device):
     plan = pk.plan_partial_global([0, 3, 8], [0, 7, 12], [2, 0], device=device)
     q, k = torch.randn(8, H, D, device=device), torch.randn(12, H, D, device=device)
@@ -583,23 +601,22 @@ def test_plan_and_backend_validation():
     assert varlen_plan.VarlenPlan is pk.VarlenPlan
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter test (CPU)")
+@pytest.mark.triton
 @pytest.mark.parametrize("mode", ["pg1d", "band"])
-def test_offsets_past_int32_within_a_sequence(mode, monkeypatch):
+def test_offsets_past_int32_within_a_sequence(mode, device, sparse_buffer):
     """q, k, v, dout: views of a packed [total, 4, 1, D] layout with token stride 2^30 + 64
     elements, 2^31 elements into the buffer; sequence 1 (local rows 0..2) has local row 2 at
     2^31 + 128 elements from its start: a 32-bit local offset wraps (wrong data, not a crash).
-    As tests/test_attention_plan.py::test_offsets_past_int32, for the packed ops."""
-    from triton.runtime import interpreter  # the host copy is the tensor (see there)
-    monkeypatch.setattr(interpreter.GridExecutor, "_restore_args_dev", lambda *a, **k: None)
+    As tests/test_attention_plan.py::test_offsets_past_int32, for the packed ops (10 GiB of
+    address space: virtual on CPU, real on a GPU)."""
     seqs = [(1, 1, 1), (3, 3, 2)]  # (Nq, Nv, Np)
     total, dtype = 4, torch.float16
     stride, base = 2**30 + 64, 2**31
-    buf = torch.empty(base + (total - 1) * stride + 4 * D, dtype=dtype)  # virtual, sparse
+    buf = sparse_buffer(base + (total - 1) * stride + 4 * D, dtype)
     views = [torch.as_strided(buf, (total, 1, D), (stride, 0, 1), base + i * D)
              for i in range(4)]
     for view in views:
-        view.copy_(torch.randn(total, 1, D).to(dtype))
+        view.copy_(torch.randn(total, 1, D, device=device).to(dtype))
     q, k, v, grad = views
     cu = [0, 1, 4]
     if mode == "band":
@@ -643,6 +660,7 @@ def _per_sequence(fixed, cu, *tensors):
     return torch.cat(outs)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rows_with_all_scores_minus_inf_are_zero(dtype, device):
     """q[row, :, 0] = -inf, k[:, :, 0] > 0: every score of the row is -inf (a partial row of
@@ -668,6 +686,7 @@ def test_rows_with_all_scores_minus_inf_are_zero(dtype, device):
         _check(name, g, r, dtype, "minus-inf rows")
 
 
+@pytest.mark.triton
 def test_autocast_and_torch_func_like_the_fixed_shape_ops(device):
     """Under torch.autocast(bfloat16) mixed fp32/fp16 inputs run in bfloat16 (attention and the
     projection; the pooling alone is not cast); jacrev and double backward on the kernel backend
@@ -740,7 +759,9 @@ def test_pool_launchers_choose_only_aot_configs(monkeypatch):
     plan = pk.plan_pool([0, 6, 15], [(2, 3), (3, 3)], (2, 2))
     for arch in aot.ARCHS:
         monkeypatch.setattr(varlen_pool_triton, "_arch", lambda t, arch=arch: arch)
-        specs = {_launch_key(getattr(k, "kernel", k), ptrs["X"], cx, opts)
+        # varlen_pool_triton's kernels are recorders here (aot_specs reads the patched module):
+        # keyed by the kernel each stands for; a compiled JITFunction's own `.kernel` is None
+        specs = {_launch_key(k.kernel if isinstance(k, _Recorder) else k, ptrs["X"], cx, opts)
                  for mod in (pool_triton, varlen_pool_triton)
                  for k, ptrs, cx, opts, _ in mod.aot_specs(arch)}
         fused = arch >= pool_triton.FUSED_MIN_ARCH

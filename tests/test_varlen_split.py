@@ -48,6 +48,7 @@ def _long_pg1d():
     return np_ + random.randint(1, 5), nv, np_
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("mode", ["pg1d", "pg2d"])
 def test_split_global_tiles_match_oracle(mode, dtype, device, splits):
@@ -66,6 +67,7 @@ def test_split_global_tiles_match_oracle(mode, dtype, device, splits):
     assert splits and all(p.n_split > 1 for p in splits), "the batch did not split"
 
 
+@pytest.mark.triton
 def test_split_single_sequence_and_no_partial_rows(device, splits):
     """One sequence, Np = 0 (every query global, so every query tile splits), fp16."""
     nv = random.randint(3 * SPLIT, 5 * SPLIT)
@@ -117,6 +119,7 @@ def test_plan_split_rule(nv, split_keys):
         varlen_plan.plan_partial_global(cu_q, cu_k, n_part, split_keys=0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grids", [None, ((5, 8), (2, 3))], ids=["pg1d", "pg2d"])
 def test_varlen_split_row_with_all_scores_minus_inf_is_zero_as_sdpa(grids, dtype, device):

@@ -22,8 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import work_model  # noqa: E402
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="counts tl.dot calls of the Triton interpreter (CPU only)")
+COUNTS_DOTS = pytest.mark.interpreter(reason="counts the tl.dot calls of Triton's interpreter")
 
 
 def install_dot_counter(monkeypatch):
@@ -73,6 +72,7 @@ CASES = {
 }
 
 
+@COUNTS_DOTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("split", [None, 1], ids=["nosplit", "split"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -145,6 +145,7 @@ class _Tagged:
         return run
 
 
+@COUNTS_DOTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("op,split_keys", [("pg2d", None), ("pg1d", None), ("band", None),
                                            ("band_per_seq", None), ("pg2d", 64), ("pg1d", 64)])

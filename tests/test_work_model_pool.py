@@ -73,6 +73,8 @@ def replay_hbm(loads, R) -> int:
     return total
 
 
+RECORDS = pytest.mark.interpreter(reason="records the builder calls of Triton's interpreter")
+
 CASES = {  # id: (B, in_grid, out_grid, C, NF)
     "divisible": (3, (6, 6), (3, 3), 72, 80),
     "overlap": (2, (7, 7), (3, 3), 40, 48),
@@ -106,6 +108,7 @@ def _run(op, B, in_grid, out_grid, C, NF, dtype):
     return pt.pool_project_bwd_plan(B, C, NF, in_grid, out_grid, dtype, True, True)
 
 
+@RECORDS
 @pytest.mark.parametrize("op", ["pool-fwd", "pool-bwd", "project-fwd", "project-bwd"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_model_matches_recorded_execution(op, case, gpu_tiles, monkeypatch):
@@ -125,6 +128,7 @@ def test_model_matches_recorded_execution(op, case, gpu_tiles, monkeypatch):
                 (launch.kernel.fn.__name__, R)
 
 
+@RECORDS
 def test_dots_counted_in_bf16_with_interpreter_tiles(monkeypatch):
     """The interpreter's own (larger) tiles and the bf16 path: the same count."""
     rec = Recorder(monkeypatch)

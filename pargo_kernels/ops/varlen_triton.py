@@ -370,9 +370,9 @@ def _arch(t: torch.Tensor) -> int:
 
 def _delta_schedule(tiles: int, block_m: int, device) -> torch.Tensor:
     """The fixed-shape delta kernel's table (first row of each row tile, ``ENTRY`` ints)."""
-    table = torch.zeros((tiles, _aplan.ENTRY), dtype=torch.int32)
-    table[:, 0] = torch.arange(tiles, dtype=torch.int32) * block_m
-    return table.to(device)
+    table = torch.zeros((tiles, _aplan.ENTRY), dtype=torch.int32, device=device)
+    table[:, 0] = torch.arange(tiles, dtype=torch.int32, device=device) * block_m
+    return table
 
 
 def _scalars(plan, kind: int, window) -> dict:
