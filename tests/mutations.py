@@ -224,6 +224,20 @@ MUTANTS = [
            "key=_natural_key)", "key=str)",
            ("tests/test_mllm_varres.py", "-k", "dataset_items"),
            "a video directory's frames in string order (10.png before 2.png)"),
+    # --- the GPU test profile (tests/test_gpu_profile.py): key splits and the varlen paths
+    Mutant("split-merge-natural-exp", ATT,
+           "w = torch.exp2(lws - m_safe)", "w = torch.exp(lws - m_safe)",
+           ("tests/test_gpu_profile.py", "-k", "split and fp32"),
+           "key splits of global tiles merged with e^x weights of base-2 log-sum-exps"),
+    Mutant("varlen-split-delta-first-slot", "pargo_kernels/ops/varlen_triton.py",
+           "delta.index_copy_(1, idx, dws.sum(1))", "delta.index_copy_(1, idx, dws[:, 0])",
+           ("tests/test_gpu_profile.py", "-k", "pg1d-varlen and bf16"),
+           "16-bit varlen dQ of split sequences: delta from the first key split only"),
+    Mutant("varlen-project-bias-first-feature", "pargo_kernels/ops/varlen_pool_triton.py",
+           "acc += tl.load(BIAS + feats * sbc, mask=f_ok, other=0.0)",
+           "acc += tl.load(BIAS + feats * sbc * 0, mask=f_ok, other=0.0)",
+           ("tests/test_gpu_profile.py", "-k", "pool-project-varlen and fp16"),
+           "fused varlen pooling + projection adds bias[0] to every feature"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
