@@ -238,6 +238,17 @@ MUTANTS = [
            "acc += tl.load(BIAS + feats * sbc * 0, mask=f_ok, other=0.0)",
            ("tests/test_gpu_profile.py", "-k", "pool-project-varlen and fp16"),
            "fused varlen pooling + projection adds bias[0] to every feature"),
+    # --- setup.py: an explicit CUDA build request fails loudly
+    Mutant("setup-explicit-build-failure-swallowed", "setup.py",
+           "            raise\n        print(f\"pargo_kernels: CUDA extension {ext_name} skipped",
+           "            pass\n        print(f\"pargo_kernels: CUDA extension {ext_name} skipped",
+           ("tests/test_setup_cuda.py",),
+           "PARGO_BUILD_CUDA=1 and the extension's build fails: the install goes on without it"),
+    Mutant("setup-explicit-request-skipped-silently", "setup.py",
+           "        if mode == \"on\":\n            sys.exit(",
+           "        if mode == \"never\":\n            sys.exit(",
+           ("tests/test_setup_cuda.py",),
+           "PARGO_BUILD_CUDA=1 without a CUDA torch / nvcc: skipped as in auto mode"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
