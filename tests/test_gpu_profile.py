@@ -222,17 +222,19 @@ def _pooling(case, dtype, device, backend, small):
 def _varlen_masks(case, small):
     """Per-sequence masks of a packed batch with corner cases: a 1-token sequence, Np = 0,
     Ng = 0, Np not dividing Nv, 2-D windows of mixed grids (1x1 too), per-sequence bands;
-    1-D: one sequence long enough that its global tiles split over keys (``split_keys``)."""
+    partial-global: sequences long enough that their global tiles split over keys (with the
+    ``split_keys`` of ``_varlen_attention``)."""
     if case == "band-varlen":
         lens = ([random.randint(10, 40), 1, random.randint(3, 20)] if small else
                 [random.randint(40, 90), 1, random.randint(65, 130), random.randint(2, 30)])
         return [BandMask(n, random.randint(0, 9), random.randint(0, 9)) for n in lens]
     if case == "pg1d-varlen":
-        np_ = random.choice([n for n in range(5, 12 if small else 41) if 23 % n])
+        nv = 23 if small else 161
+        np_ = random.choice([n for n in range(5, 12 if small else 41) if nv % n])
         masks = [PartialGlobalMask(random.randint(1, 9), random.choice((13, 61)), 0),  # Np = 0
                  PartialGlobalMask(11 if small else 37, 11 if small else 37,
                                    11 if small else 37),                             # Ng = 0
-                 PartialGlobalMask(np_ + 7, 23, np_)]                       # Np not dividing
+                 PartialGlobalMask(np_ + 7, nv, np_)]                       # Np not dividing
         # splits with split_keys=32 (CPU) / 64: keys many times a partial tile's span
         long = (PartialGlobalMask(70, 70, 66) if small else
                 PartialGlobalMask(84, random.randint(260, 320), 70))
@@ -263,11 +265,12 @@ def _varlen_attention(case, dtype, device, small):
         if case == "pg2d-varlen":
             kw = dict(visual_grids=[m.visual_grid for m in masks],
                       partial_grids=[m.partial_grid for m in masks])
-        split = (32 if small else 64) if case == "pg1d-varlen" else None
+        # the global tiles of the sequences with more keys than this split over their keys
+        # (the dynamic-resolution benchmark's batch splits: 2-D windows, Nv up to 2304)
+        split = (32 if small else 64) if case == "pg1d-varlen" else (16 if small else 64)
         plan = pk.plan_partial_global(cu_q, cu_k, [m.n_partial for m in masks], device=device,
                                       split_keys=split, **kw)
-        if split:
-            assert plan.n_split > 1, "the long sequence must split its global tiles"
+        assert plan.n_split > 1, "a long sequence must split its global tiles"
 
         def ours(q_, k_, v_):
             return pk.partial_global_attention_varlen(q_, k_, v_, backend="triton", plan=plan)
