@@ -139,16 +139,19 @@ def triton_interpret() -> bool:
 
 
 def git_sha() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); where the copy has no git
+    history (the lent GPU machine gets a copy of the working tree), ``$GIT_SHA`` if set."""
+    given = os.environ.get("GIT_SHA", "").strip()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)
         if sha.returncode != 0:
-            return "unknown (no commit)"
+            return f"{given} (GIT_SHA)" if given else "unknown (no commit)"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except Exception as exc:  # git missing, not a checkout
-        return f"unknown ({type(exc).__name__})"
+        return f"{given} (GIT_SHA)" if given else f"unknown ({type(exc).__name__})"
 
 
 def slug(text: str) -> str:

@@ -124,9 +124,11 @@ def merge(raw_dir: str, scripts_info: dict) -> dict:
     """Every row and meta under ``raw_dir`` (all phases), in script then phase order."""
     rows, meta = [], None
     for name in SCRIPTS:
-        info = scripts_info.setdefault(name, {})
         metas = sorted(glob.glob(os.path.join(raw_dir, f"{name}.meta.json")) +
                        glob.glob(os.path.join(raw_dir, f"{name}.*.meta.json")))
+        if not metas and name not in scripts_info:
+            continue  # not run
+        info = scripts_info.setdefault(name, {})
         for mpath in metas:
             try:
                 m = _load(mpath)
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
     print(report.summary(data), flush=True)
     if interrupted:
         return 130
-    return 0 if all(v.get("rc") == 0 for v in info.values()) else 1
+    return 0 if all(v.get("rc") == 0 for v in info.values() if "phases" in v) else 1
 
 
 if __name__ == "__main__":

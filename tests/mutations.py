@@ -249,6 +249,17 @@ MUTANTS = [
            "        if mode == \"never\":\n            sys.exit(",
            ("tests/test_setup_cuda.py",),
            "PARGO_BUILD_CUDA=1 without a CUDA torch / nvcc: skipped as in auto mode"),
+    # --- the one GPU call (benchmarks/gpu_run.sh) and its benchmark runner
+    Mutant("gpu-run-no-exit-trap", "benchmarks/gpu_run.sh",
+           "trap finish EXIT", "true",
+           ("tests/test_gpu_run.py", "-k", "dry_run_summary"),
+           "gpu_run.sh ends without its summary and pack (OUTDIR: the live log only)"),
+    Mutant("run-all-no-merge-on-sigint", "benchmarks/run_all.py",
+           "    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, "
+           "signal.SIGTERM)}",
+           "    old_handlers = {}",
+           ("tests/test_gpu_run.py", "-k", "run_all"),
+           "run_all.py stopped by SIGINT dies without merging what it measured"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
