@@ -28,11 +28,12 @@ Counts, per step of gpu_run.sh, derived from the code (nothing here is a hand-wr
 * **projectors**: ``bench_projectors.py``'s models (kernels path, backend ``"triton"``; DeCo's
   and C-Abstractor's pooling run on the CUDA extension instead when it is built) at B=2.
 
-Predicted seconds: specializations x the per-compile cost (``--per-compile-s``, default the
-issue's 0.9 s for sm_90; ``--measure N`` compiles N of the recorded specializations here for
-sm_90 with Triton's compiler, fresh cache, one process, and reports the cost it measured),
-plus the stated start-up and per-test constants (``STARTUP_S``, ``PER_TEST_S``: assumptions,
-not measurements). Runs in ~1 minute on 2 CPU cores (``--measure`` adds ~N x 2 s).
+Predicted seconds: each compile priced at ``--per-compile-s`` (default the issue's 0.9 s for
+sm_90) and, with ``--measure N|all``, at the CPU seconds (ptxas included) measured for it here:
+N (or every one) of the test step's specializations compiled for sm_90 with Triton's own
+compiler, one after another in one process, fresh cache; plus the stated start-up and per-test
+constants (``STARTUP_S``, ``PER_TEST_S``: assumptions, not measurements). Recording takes ~1-2
+minutes on 2 busy CPU cores; ``--measure all`` adds the compiles (~2-5 minutes there).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class LaunchRecorder:
         if key not in bucket:
             options, signature, constexprs, attrs = jf._pack_args(self.backend, dict(kwargs),
                                                                   bound, spec, opts)
-            bucket[key] = dict(module=ifn.fn.__module__, name=ifn.fn.__name__,
+            bucket[key] = dict(key=list(key), module=ifn.fn.__module__, name=ifn.fn.__name__,
                                signature=signature,
                                constexprs=[[list(k), v] for k, v in constexprs.items()],
                                attrs=[[list(k), v] for k, v in attrs.items()],
@@ -312,8 +313,17 @@ def record_projectors(rec: LaunchRecorder, batch: int = 2) -> dict:
 # --------------------------------------------------------------------------------------------
 # compile-cost measurement (a subprocess without the interpreter)
 # --------------------------------------------------------------------------------------------
+def _cpu_s() -> float:
+    """CPU seconds of this process and its waited-for children (ptxas)."""
+    import resource
+    own, kids = (resource.getrusage(resource.RUSAGE_SELF),
+                 resource.getrusage(resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def compile_specs(path: str) -> int:
-    """Compile each spec of the JSON file ``path`` for sm_90; print the seconds per compile."""
+    """Compile each spec of the JSON file ``path`` for sm_90, one after another; print
+    ``[[wall s, CPU s], ...]``, one pair per compile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -325,19 +335,21 @@ def compile_specs(path: str) -> int:
         src = ASTSource(fn=kernel, signature=s["signature"],
                         constexprs={tuple(k): v for k, v in s["constexprs"]},
                         attrs={tuple(k): v for k, v in s["attrs"]})
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         triton.compile(src, target=GPUTarget("cuda", SM, 32), options=s["options"])
-        times.append(time.perf_counter() - t0)
+        times.append([time.perf_counter() - t0, _cpu_s() - c0])
     print(json.dumps(times))
     return 0
 
 
-def measure_compiles(specs: list[dict], n: int) -> dict:
-    """Compile ``n`` of ``specs`` (spread over the kernels) for sm_90 in a fresh process with an
-    empty Triton cache; seconds per compile."""
+def measure_compiles(specs: list[dict], n) -> dict:
+    """Compile ``n`` (or ``"all"``) of ``specs`` (a sample: spread over the kernels) for sm_90,
+    one after another in a fresh process with an empty Triton cache, after a warm-up compile
+    (Triton's start-up, not counted); wall and CPU seconds (ptxas included) of each."""
     by_kernel = OrderedDict()
     for s in specs:
         by_kernel.setdefault(s["name"], []).append(s)
+    n = len(specs) if n == "all" else int(n)
     chosen = []
     while len(chosen) < n and any(by_kernel.values()):
         for k in list(by_kernel):
@@ -346,18 +358,24 @@ def measure_compiles(specs: list[dict], n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "specs.json")
         with open(path, "w") as f:
-            json.dump(chosen, f)
+            json.dump(chosen[:1] + chosen, f)  # the first one twice: the warm-up
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(TRITON_CACHE_DIR=os.path.join(tmp, "cache"),
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-specs",
-                               path], env=env, capture_output=True, text=True, timeout=3600)
+                               path], env=env, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"compile measurement failed:\n{proc.stderr[-3000:]}")
     times = json.loads(proc.stdout.strip().splitlines()[-1])
-    rest = times[1:] or times
-    return dict(n=len(times), first_s=round(times[0], 2), median_s=round(statistics.median(rest), 2),
-                mean_s=round(statistics.fmean(rest), 2), kernels=sorted({s["name"] for s in chosen}))
+    warm, times = times[0], times[1:]
+    cpu = [c for _, c in times]
+    return dict(n=len(times), all=len(times) == len(specs), warmup_wall_s=round(warm[0], 2),
+                wall_median_s=round(statistics.median(w for w, _ in times), 2),
+                cpu_median_s=round(statistics.median(cpu), 2),
+                cpu_mean_s=round(statistics.fmean(cpu), 2), cpu_total_s=round(sum(cpu), 1),
+                load_avg=[round(x, 1) for x in os.getloadavg()],
+                cpu_s={json.dumps(s["key"]): round(c, 3) for s, c in zip(chosen, cpu)},
+                kernels=sorted({s["name"] for s in chosen}))
 
 
 def measure_nvcc() -> dict:
@@ -389,30 +407,45 @@ def _setup():
 # the plan
 # --------------------------------------------------------------------------------------------
 def make_plan(per_compile_s: float, unit_s: dict, rec: LaunchRecorder, tests: dict,
-              bench: dict, proj: dict) -> dict:
+              bench: dict, proj: dict, measured: dict | None = None) -> dict:
+    """Counts and predicted seconds per step: compiles priced at ``per_compile_s`` and, with
+    ``measured`` (:func:`measure_compiles`), at the CPU seconds measured for each (the
+    sample's mean for those not measured)."""
     import gpu_steps
     sources = _setup().cuda_sources()
     units = {s: unit_s.get(s, HOST_UNIT_S if s.endswith(".cpp") else max(unit_s.values()))
              for s in sources}
     build_s = max(units.values()) + LINK_S
-    seen: set = set()
+
+    def measured_s(keys):
+        got = measured["cpu_s"]
+        return round(sum(got.get(json.dumps(list(k)), measured["cpu_mean_s"]) for k in keys), 1)
+
     steps = OrderedDict()
     procs = OrderedDict()
     for name, info in tests.items():
         keys = set(rec.keys.get(f"tests:{name}", {}))
-        compile_s = len(keys) * per_compile_s
         start = build_s if name == gpu_steps.CUDA_PROC else 0.0
-        wall = start + STARTUP_S + compile_s + info["items"] * PER_TEST_S
-        procs[name] = dict(info, specializations=len(keys), compile_s=round(compile_s, 1),
-                           starts_at_s=round(start, 1), predicted_s=round(wall, 1))
+        rest = STARTUP_S + info["items"] * PER_TEST_S
+        row = dict(info, specializations=len(keys), starts_at_s=round(start, 1),
+                   compile_s=round(len(keys) * per_compile_s, 1))
+        row["predicted_s"] = round(start + rest + row["compile_s"], 1)
+        if measured:
+            row["compile_s_measured"] = measured_s(keys)
+            row["predicted_s_measured"] = round(start + rest + row["compile_s_measured"], 1)
+        procs[name] = row
     test_keys = set().union(*(set(rec.keys.get(f"tests:{n}", {})) for n in tests))
     steps["build"] = dict(nvcc_units=sum(s.endswith(".cu") for s in sources),
                           host_units=sum(s.endswith(".cpp") for s in sources),
                           unit_s=units, predicted_s=round(build_s, 1))
     steps["tests"] = dict(processes=procs, specializations=len(test_keys),
                           serial_compile_s=round(len(test_keys) * per_compile_s, 1),
-                          predicted_s=round(max(p["predicted_s"] for p in procs.values()), 1))
-    seen |= test_keys
+                          predicted_s=max(p["predicted_s"] for p in procs.values()))
+    if measured:
+        steps["tests"].update(serial_compile_s_measured=measured_s(test_keys),
+                              predicted_s_measured=max(p["predicted_s_measured"]
+                                                       for p in procs.values()))
+    seen = set(test_keys)
     rows = OrderedDict()
     for label, info in bench.items():
         keys = set(rec.keys.get(label, {}))
@@ -428,19 +461,20 @@ def make_plan(per_compile_s: float, unit_s: dict, rec: LaunchRecorder, tests: di
     steps["projectors"] = dict(proj, specializations=len(keys), new=len(keys - seen),
                                compile_s=round(len(keys - seen) * per_compile_s, 1))
     kernels = OrderedDict()
-    for label, bucket in rec.keys.items():
-        for (kernel, _), _spec in bucket.items():
-            kernels.setdefault(kernel.rsplit(".", 1)[1], set()).add(_)
+    for bucket in rec.keys.values():
+        for key in bucket:
+            kernels.setdefault(key[0].rsplit(".", 1)[1], set()).add(key)
     return dict(sm=SM, per_compile_s=per_compile_s, startup_s=STARTUP_S, per_test_s=PER_TEST_S,
                 steps=steps, distinct_specializations=len(seen | keys),
                 per_kernel={k: len(v) for k, v in sorted(kernels.items())})
 
 
-def format_plan(plan: dict, measured: dict | None, cost_note: str) -> str:
-    s = plan["steps"]
-    c = plan["per_compile_s"]
+def format_plan(plan: dict, measured: dict | None) -> str:
+    s, c = plan["steps"], plan["per_compile_s"]
+    both = (lambda x, y: f"{x:.0f} / {y:.0f}") if measured else (lambda x, y: f"{x:.0f}")
     lines = [f"GPU run plan (sm_{plan['sm']}): {plan['distinct_specializations']} distinct Triton "
-             f"specializations in all; {cost_note}", ""]
+             f"specializations in all; a compile priced at {c} s"
+             + (" / at the CPU seconds measured here for it" if measured else ""), ""]
     b = s["build"]
     lines += [f"build: {b['nvcc_units']} nvcc units + {b['host_units']} host unit(s), in "
               f"parallel (MAX_JOBS=16): ~{b['predicted_s']:.0f} s (slowest unit + link; "
@@ -448,19 +482,23 @@ def format_plan(plan: dict, measured: dict | None, cost_note: str) -> str:
               + ")", ""]
     t = s["tests"]
     lines += [f"tests: {len(t['processes'])} pytest processes at once, "
-              f"{t['specializations']} specializations ({t['serial_compile_s']:.0f} s in one "
-              f"process); predicted wall ~{t['predicted_s']:.0f} s "
-              f"(start-up {plan['startup_s']:.0f} s + compiles x {c} s + "
-              f"{plan['per_test_s']} s a test, assumed)", "",
+              f"{t['specializations']} specializations ("
+              + both(t["serial_compile_s"], t.get("serial_compile_s_measured"))
+              + " s of compiles in one process); predicted wall ~"
+              + both(t["predicted_s"], t.get("predicted_s_measured"))
+              + f" s (start-up {plan['startup_s']:.0f} s + compiles + {plan['per_test_s']} s a "
+              "test, both assumed)", "",
               "| process | tests | profile cases recorded | specializations | compile s | "
               "starts at s | predicted s |", "|---|---|---|---|---|---|---|"]
     for name, p in t["processes"].items():
         lines.append(f"| {name} | {p['items']} | {p['recorded']} | {p['specializations']} | "
-                     f"{p['compile_s']:.0f} | {p['starts_at_s']:.0f} | {p['predicted_s']:.0f} |")
-    cuda = [p for p in t["processes"].values() if p["not_recorded"]]
-    for p in cuda:
-        lines.append(f"\n({p['not_recorded']} tests run on CUDA tensors only, not recorded here: "
-                     + ", ".join(p["not_recorded_files"]) + ")")
+                     + both(p["compile_s"], p.get("compile_s_measured"))
+                     + f" | {p['starts_at_s']:.0f} | "
+                     + both(p["predicted_s"], p.get("predicted_s_measured")) + " |")
+    for p in t["processes"].values():
+        if p["not_recorded"]:
+            lines.append(f"\n({p['not_recorded']} tests run on CUDA tensors only, not recorded "
+                         "here: " + ", ".join(p["not_recorded_files"]) + ")")
     be = s["benchmarks"]
     lines += ["", f"benchmarks (run_all.PHASES, headline first): {be['new']} new "
               f"specializations, ~{be['compile_s']:.0f} s of compiles inside the budget; "
@@ -478,20 +516,23 @@ def format_plan(plan: dict, measured: dict | None, cost_note: str) -> str:
               "per kernel (distinct specializations over all steps): "
               + ", ".join(f"{k} {v}" for k, v in plan["per_kernel"].items())]
     if measured:
-        lines += ["", f"measured here: {measured['n']} of the profile's specializations compiled "
-                  f"for sm_{plan['sm']} in one process, fresh cache: median "
-                  f"{measured['median_s']} s, mean {measured['mean_s']} s per compile (first "
-                  f"{measured['first_s']} s, with Triton's start-up)"]
+        lines += ["", f"measured here: {measured['n']}" + (" (all)" if measured["all"] else "")
+                  + f" of the test step's specializations compiled for sm_{plan['sm']} one after "
+                  "another in one process, fresh cache: CPU seconds per compile (ptxas "
+                  f"included) median {measured['cpu_median_s']}, mean {measured['cpu_mean_s']}, "
+                  f"total {measured['cpu_total_s']}; wall median {measured['wall_median_s']} s "
+                  f"at load average {measured['load_avg'][0]} (Triton's start-up, a warm-up "
+                  f"compile not counted: {measured['warmup_wall_s']} s wall)"]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--per-compile-s", type=float, default=None,
-                   help=f"seconds per Triton compile on sm_90 (default {PER_COMPILE_S}, or the "
-                        "measured one with --measure)")
-    p.add_argument("--measure", type=int, default=0, metavar="N",
-                   help="compile N recorded specializations for sm_90 here and report the cost")
+    p.add_argument("--per-compile-s", type=float, default=PER_COMPILE_S,
+                   help=f"seconds per Triton compile on sm_90 (default {PER_COMPILE_S})")
+    p.add_argument("--measure", default=None, metavar="N|all",
+                   help="also compile N (or all) of the test step's specializations for sm_90 "
+                        "here and price each at the CPU seconds measured")
     p.add_argument("--measure-nvcc", action="store_true",
                    help="time nvcc -c for sm_90 of each .cu here (instead of BUILD_UNIT_S)")
     p.add_argument("--json", default=None, help="also write the plan to this file")
@@ -506,20 +547,14 @@ def main(argv=None) -> int:
         proj = record_projectors(rec)
     measured = None
     if a.measure:
-        measured = measure_compiles([s for label, b in rec.keys.items()
-                                     if label.startswith("tests:") for s in b.values()], a.measure)
+        specs = [s for label, b in rec.keys.items() if label.startswith("tests:")
+                 for s in b.values()]
+        measured = measure_compiles(specs, a.measure)
     unit_s = measure_nvcc() if a.measure_nvcc else dict(BUILD_UNIT_S)
-    if a.per_compile_s is not None:
-        cost, note = a.per_compile_s, f"priced at {a.per_compile_s} s per compile (given)"
-    elif measured:
-        cost, note = measured["median_s"], (f"priced at {measured['median_s']} s per compile "
-                                            "(measured here)")
-    else:
-        cost, note = PER_COMPILE_S, f"priced at {PER_COMPILE_S} s per compile (issue 22, sm_90)"
-    plan = make_plan(cost, unit_s, rec, tests, bench, proj)
+    plan = make_plan(a.per_compile_s, unit_s, rec, tests, bench, proj, measured)
     plan["measured_compile"] = measured
     plan["nvcc_measured_here"] = bool(a.measure_nvcc)
-    print(format_plan(plan, measured, note))
+    print(format_plan(plan, measured))
     print(f"\n(gpu_plan.py ran {time.perf_counter() - t0:.0f} s)")
     if a.json:
         with open(a.json, "w") as f:
