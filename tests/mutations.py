@@ -260,6 +260,11 @@ MUTANTS = [
            "    old_handlers = {}",
            ("tests/test_gpu_run.py", "-k", "run_all"),
            "run_all.py stopped by SIGINT dies without merging what it measured"),
+    Mutant("profile-cpu-head-dim-differs", "tests/test_gpu_profile.py",
+           "    B, h = (1, 1) if small else (2, H)\n    q = _randn(",
+           "    B, h = (1, 1) if small else (2, H)\n    D = 32 if small else 64\n    q = _randn(",
+           ("tests/test_gpu_plan.py",),
+           "the profile's CPU shapes compile other kernels than its GPU shapes (head dim 32)"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
