@@ -67,7 +67,7 @@ mkdir -p "$W/tests" "$W/bench" "$W/proj"
 [ "$DRY_RUN" = 1 ] && touch "$W/DRY_RUN"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export GIT_SHA=${GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-exec > >(tee -a "$OUT/gpu_run.log") 2>&1
+exec > >(tee "$OUT/gpu_run.log") 2>&1
 TEE_PID=$!
 
 elapsed() { echo $(( $(date +%s) - START )); }

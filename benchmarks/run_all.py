@@ -10,7 +10,8 @@
 Two phases (``PHASES``): the headline cases first (the first case of every script: the paper
 shape's partial-global attention against Flex and SDPA, the packed varlen batch, the DeCo
 pooling, ParGo's self-attention, the first cascade band; forward and forward+backward), then
-every other case. Each script runs in its own process under a wall-clock budget (a share of
+every other case (``--smoke``: one phase, every case, unless ``--phases`` is given). Each
+script runs in its own process under a wall-clock budget (a share of
 what is left of ``--budget-s``; past it the remaining cases are recorded SKIPPED, and a case
 whose first call compiles (FlexAttention, torch.compile) starts only if its compile fits) and a
 hard timeout a little longer, never past the total budget, so a hang or a crash in one loses
@@ -231,9 +232,15 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown:
         p.error(f"--only: unknown scripts {unknown} (known: {list(SCRIPTS)})")
-    phases = a.phases.split(",") if a.phases else [ph for ph, _ in PHASES]
-    runs = [(ph, name, args, share) for ph, items in PHASES if ph in phases
-            for name, args, share in items if name in names]
+    if a.smoke and not a.phases:  # CPU smoke: one process per script (CI time), all cases
+        runs = [("0-smoke", name, [], 1.0) for name in SCRIPTS if name in names]
+    else:
+        phases = a.phases.split(",") if a.phases else [ph for ph, _ in PHASES]
+        unknown = [ph for ph in phases if ph not in dict(PHASES)]
+        if unknown:
+            p.error(f"--phases: unknown {unknown} (known: {[ph for ph, _ in PHASES]})")
+        runs = [(ph, name, args, share) for ph, items in PHASES if ph in phases
+                for name, args, share in items if name in names]
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if a.smoke:

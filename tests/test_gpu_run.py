@@ -123,7 +123,8 @@ def test_run_all_merges_and_reports_on_sigint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"),
-                             "--smoke", "--only", "band", "--out", str(tmp_path)], cwd=ROOT,
+                             "--smoke", "--only", "band", "--phases", "1-headline,2-rest",
+                             "--out", str(tmp_path)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = tmp_path / "raw" / "band.1-headline.jsonl"
     deadline = time.time() + 120
