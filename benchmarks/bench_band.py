@@ -38,13 +38,19 @@ def op(q, k, v, case, backend):
     return pk.band_attention(q, k, v, tuple(case.config["window"]), backend=backend)
 
 
+def plan(args) -> list:
+    """``(make_case, providers)`` per case, in ``shapes`` order."""
+    providers = common.selected(attention_providers(args, op), args)
+
+    def make(name, b, h, d, n, layer, win):
+        return attention_case("band", name, "cascade", BandMask(n, *win), b, h, d, d, args,
+                              extra=dict(layer=layer, window=list(win)))
+    return [(lambda s=s: make(*s), providers) for s in shapes(args)]
+
+
 def main(argv=None) -> int:
     args, rec = common.start("band", __doc__.splitlines()[1], argv)
-    providers = common.selected(attention_providers(args, op), args)
-    for name, b, h, d, n, layer, win in shapes(args):
-        case = attention_case("band", name, "cascade", BandMask(n, *win), b, h, d, d, args,
-                              extra=dict(layer=layer, window=list(win)))
-        common.run_case(case, providers, rec, args)
+    common.run_cases(plan(args), rec, args)
     return 0
 
 

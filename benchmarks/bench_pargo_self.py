@@ -56,17 +56,23 @@ def two_launch(q, k, v, case, backend):
     return torch.cat(parts, dim=2)
 
 
-def main(argv=None) -> int:
-    args, rec = common.start("pargo_self", __doc__.splitlines()[0], argv)
+def plan(args) -> list:
+    """``(make_case, providers)`` per case, in ``shapes`` order."""
     base = ours("triton", two_launch)
     providers = attention_providers(args, op) + [
         common.Provider("ours-2launch[triton]", base.setup)]
     providers = common.selected(providers, args)
-    for name, b, h, d, np_, ng, win in shapes(args):
+
+    def make(name, b, h, d, np_, ng, win):
         mask = ParGoSelfMask(np_ + ng, np_, *(win if win is not None else (None, None)))
-        case = attention_case("pargo_self", name, "pargo_self", mask, b, h, d, d, args,
+        return attention_case("pargo_self", name, "pargo_self", mask, b, h, d, d, args,
                               extra=dict(Np=np_, window=None if win is None else list(win)))
-        common.run_case(case, providers, rec, args)
+    return [(lambda s=s: make(*s), providers) for s in shapes(args)]
+
+
+def main(argv=None) -> int:
+    args, rec = common.start("pargo_self", __doc__.splitlines()[0], argv)
+    common.run_cases(plan(args), rec, args)
     return 0
 
 

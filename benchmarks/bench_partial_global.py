@@ -58,11 +58,16 @@ def make_case(shape, args):
                           extra=dict(Np=np_, Ng=ng))
 
 
+def plan(args) -> list:
+    """``(make_case, providers)`` per case, most important first (benchmarks/gpu_plan.py reads
+    it too)."""
+    providers = common.selected(attention_providers(args, op), args)
+    return [(lambda s=shape: make_case(s, args), providers) for shape in shapes(args)]
+
+
 def main(argv=None) -> int:
     args, rec = common.start("partial_global", __doc__.splitlines()[1], argv)
-    providers = common.selected(attention_providers(args, op), args)
-    for shape in shapes(args):
-        common.run_case(make_case(shape, args), providers, rec, args)
+    common.run_cases(plan(args), rec, args)
     return 0
 
 

@@ -30,6 +30,7 @@ import common  # noqa: E402
 from common import Case, NotAvailable, Provider  # noqa: E402
 
 B, N_OUT = 256, 4096
+COMPILE_S = 30.0  # budget deco-compiled needs left to start (its torch.compile; assumed)
 # (name, B, (Hin, Win), (Hout, Wout), C, N): DeCo on CLIP ViT-L/14-336, and SigLIP (overlapping
 # windows); also the cases of benchmarks/work_model_pool.py and test_bench_ops.py
 SHAPES = [(f"pool-24to12-C1024-N{N_OUT}-B{B}", B, (24, 24), (12, 12), 1024, N_OUT),
@@ -121,7 +122,8 @@ def deco(compiled: bool, args) -> Provider:
         return lambda x, w, bias: fn(x, w, bias, ig, og)
     return Provider("deco-compiled" if compiled else "deco-eager", setup,
                     note=lambda case: "torch.compile (default mode)" if compiled else
-                    "[B,C,H,W] view, AdaptiveAvgPool2d, Linear")
+                    "[B,C,H,W] view, AdaptiveAvgPool2d, Linear",
+                    min_left_s=COMPILE_S if compiled and not args.smoke else 0.0)
 
 
 def wrong() -> Provider:
@@ -167,10 +169,15 @@ def main(argv=None) -> int:
             return 0
         print(f"[pooling] {msg}: running the baselines only", flush=True)
         rec.write_meta()
-    provs = common.selected(providers(args, pk_ops), args)
-    for name, b, ig, og, c, n in shapes(args):
-        common.run_case(pooling_case(name, b, ig, og, c, n, args), provs, rec, args)
+    common.run_cases(plan(args, pk_ops), rec, args)
     return 0
+
+
+def plan(args, pk_ops=None) -> list:
+    """``(make_case, providers)`` per case, in ``shapes`` order (``pk_ops``: the package, or
+    None when it is not importable)."""
+    provs = common.selected(providers(args, pk_ops), args)
+    return [(lambda s=s: pooling_case(*s, args), provs) for s in shapes(args)]
 
 
 if __name__ == "__main__":

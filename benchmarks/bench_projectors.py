@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -48,12 +49,13 @@ def step_fn(proj, opt, x, g, impl):
     return step
 
 
-def run(args) -> list[dict]:
+def run(args, rows: list, on_row=lambda rows: None) -> list[dict]:
+    """Appends a row per projector and impl to ``rows`` (calling ``on_row(rows)`` after each:
+    results on disk as they are measured); returns ``rows``."""
     import models
     shape = SMOKE if args.smoke else FULL
     dev, dt = args.device, args.dtype_t
     names = list(SMOKE_CFG)[:3] if args.quick else list(SMOKE_CFG)
-    rows = []
     for name in names:
         cfg = SMOKE_CFG[name] if args.smoke else {}
         if args.smoke and name in WITH_IMPL and common.triton_interpret():
@@ -82,10 +84,12 @@ def run(args) -> list[dict]:
             if common.over_budget(args):
                 row["status"] = "SKIPPED (budget)"
                 rows.append(row)
+                on_row(rows)
                 continue
             if err is not None and impl == "kernels" and not err <= CHECK_TOL:
                 row["status"] = "WRONG"
                 rows.append(row)
+                on_row(rows)
                 continue
             opt = torch.optim.AdamW(proj.parameters(), lr=1e-5)
             step = step_fn(proj, opt, x, g, impl)
@@ -100,6 +104,7 @@ def run(args) -> list[dict]:
                 row["status"] = "OOM" if common.is_oom(exc) else f"ERROR {type(exc).__name__}"
                 row["note"] = str(exc).splitlines()[0][:200] if str(exc) else ""
             rows.append(row)
+            on_row(rows)
             print(f"[projectors] {name:12s} {row['provider']:9s} {row['status']:8s} "
                   f"{row.get('ms') or float('nan'):9.3f} ms  peak {row.get('peak_mb') or 0:8.0f} MB"
                   f"  err {err if err is not None else float('nan'):.1e}", flush=True)
@@ -125,18 +130,31 @@ def markdown(rows, facts) -> str:
 
 
 def main(argv=None) -> int:
+    # started in the background by gpu_run.sh, SIGINT would be ignored: `timeout -s INT` must
+    # reach the KeyboardInterrupt below (results so far written)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = common.parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     common.finish_args(args)
     facts = common.device_facts(args)
-    rows = run(args)
     os.makedirs(args.out, exist_ok=True)
     tag = "smoke" if args.smoke else facts["device_slug"]
     base = os.path.join(args.out, f"projectors-{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(dict(facts=facts, rows=rows), f, indent=1, default=str)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(rows, facts))
+
+    def write(rows):  # after every row: a killed run keeps what it measured
+        for ext, text in ((".json", json.dumps(dict(facts=facts, rows=rows), indent=1,
+                                                default=str)), (".md", markdown(rows, facts))):
+            with open(base + ext + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(base + ext + ".tmp", base + ext)
+    rows = []
+    try:
+        run(args, rows, write)
+    except KeyboardInterrupt:  # timeout -s INT: keep what was measured, say so
+        print("[projectors] interrupted: results so far written", flush=True)
+        write(rows)
+        return 130
+    write(rows)
     print(markdown(rows, facts))
     bad = [r for r in rows if r["status"] == "WRONG" or r["status"].startswith("ERROR")]
     return 1 if bad else 0

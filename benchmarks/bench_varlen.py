@@ -62,6 +62,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import attention_common  # noqa: E402
 from attention_common import flex_functions  # noqa: E402
 from common import Case, NotAvailable, Provider  # noqa: E402
 
@@ -356,7 +357,8 @@ def flex(args, with_mask_build: bool) -> Provider:
     def no_backward(case, a):
         return "FlexAttention has no CPU backward" if a.device == "cpu" else None
     return Provider("flex" + ("+mask" if with_mask_build else ""), setup, note=note,
-                    no_backward=no_backward)
+                    no_backward=no_backward,
+                    min_left_s=0.0 if args.smoke else attention_common.FLEX_COMPILE_S)
 
 
 def wrong_provider() -> Provider:
@@ -523,23 +525,34 @@ def cases(args) -> list:
     return res
 
 
-def main(argv=None) -> int:
-    args, rec = common.start("varlen", __doc__.splitlines()[0], argv)
+def plan(args) -> list:
+    """``(make_case, providers)`` per case, in ``cases`` order."""
     dev = torch.device(args.device)
     provs = {"pool": common.selected(pool_providers(args), args)}
     provs["partial_global"] = provs["band"] = common.selected(attention_providers(args), args)
-    for make, kind in cases(args):
-        case = make()
+
+    def make(thunk):
+        case = thunk()
         case.extra["device"] = dev
-        common.run_case(case, provs[kind], rec, args)
+        return case
+    return [(lambda t=thunk: make(t), provs[kind]) for thunk, kind in cases(args)]
+
+
+def main(argv=None) -> int:
+    args, rec = common.start("varlen", __doc__.splitlines()[0], argv)
+    common.run_cases(plan(args), rec, args)
+    # the ratios over every row of this script in the folder (run_all runs it in phases, one
+    # raw file each: raw/varlen.<phase>.jsonl)
+    import glob
     import json
-    with open(rec.path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(rec.path), "varlen*.jsonl"))):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
     rec.meta["ratios"] = ratios(rows)
     rec.write_meta()
     print_ratios(rec.meta["ratios"])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -86,12 +86,20 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="add a deliberately wrong provider (must come out WRONG)")
     p.add_argument("--providers", default=None,
                    help="comma list of provider-name prefixes to run (default: all)")
+    p.add_argument("--first", type=int, default=None,
+                   help="run only the first N cases of the script's list (the headline cases)")
+    p.add_argument("--skip-first", type=int, default=0,
+                   help="skip the first N cases of the script's list")
+    p.add_argument("--tag", default="",
+                   help="rows go to raw/<script>.<tag>.jsonl (one file per run_all phase)")
     return p
 
 
-def finish_args(args) -> None:
+def finish_args(args, plan_only: bool = False) -> None:
+    """Device, timing defaults and parsed lists; ``plan_only`` (benchmarks/gpu_plan.py): keep
+    the GPU shapes on a CPU (cases are built and their launches recorded, nothing is timed)."""
     args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    if args.device == "cpu" and not args.smoke:
+    if args.device == "cpu" and not args.smoke and not plan_only:
         print("[bench] no CUDA device: running in --smoke mode (tiny shapes, CPU)", flush=True)
         args.smoke = True
     if args.warmup_ms is None:
@@ -112,21 +120,38 @@ def over_budget(args) -> bool:
     return args.budget_s is not None and time.perf_counter() - args.t0 > args.budget_s
 
 
+def budget_left(args) -> float:
+    """Seconds left of this script's budget (inf without one)."""
+    if args.budget_s is None:
+        return math.inf
+    return args.budget_s - (time.perf_counter() - args.t0)
+
+
+def selected_cases(items: list, args) -> list:
+    """The items (one per case, in the script's order: most important first) that ``--first``
+    / ``--skip-first`` select."""
+    items = list(items)[args.skip_first:]
+    return items if args.first is None else items[:args.first]
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def git_sha() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); where the copy has no git
+    history (the lent GPU machine gets a copy of the working tree), ``$GIT_SHA`` if set."""
+    given = os.environ.get("GIT_SHA", "").strip()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)
         if sha.returncode != 0:
-            return "unknown (no commit)"
+            return f"{given} (GIT_SHA)" if given else "unknown (no commit)"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except Exception as exc:  # git missing, not a checkout
-        return f"unknown ({type(exc).__name__})"
+        return f"{given} (GIT_SHA)" if given else f"unknown ({type(exc).__name__})"
 
 
 def slug(text: str) -> str:
@@ -277,6 +302,9 @@ class Provider:
     note: Callable[["Case"], str] = lambda case: ""
     # reason this provider cannot run a backward on this case (None: it can)
     no_backward: Callable[["Case", Any], Optional[str]] = lambda case, args: None
+    # seconds of budget a case needs before it starts (a compile that must fit: FlexAttention,
+    # torch.compile); with less left the case is recorded SKIPPED, not started
+    min_left_s: float = 0.0
 
 
 @dataclass
@@ -301,8 +329,9 @@ class Recorder:
         self.args = args
         self.raw = os.path.join(args.out, "raw")
         os.makedirs(self.raw, exist_ok=True)
-        self.path = os.path.join(self.raw, f"{script}.jsonl")
-        self.meta_path = os.path.join(self.raw, f"{script}.meta.json")
+        stem = f"{script}.{args.tag}" if getattr(args, "tag", "") else script
+        self.path = os.path.join(self.raw, f"{stem}.jsonl")
+        self.meta_path = os.path.join(self.raw, f"{stem}.meta.json")
         open(self.path, "w").close()
         self.facts = device_facts(args)
         self.meta = {"script": script, "facts": self.facts, "unavailable": {}, "skipped": None}
@@ -395,6 +424,11 @@ def run_case(case: Case, providers: Sequence[Provider], rec: Recorder, args) -> 
     for pi, prov in enumerate(providers):
         if over_budget(args):
             return skip_all("SKIPPED (time budget)", pi)
+        if prov.min_left_s and budget_left(args) < prov.min_left_s:
+            for m in modes:
+                rec.row(case, prov.name, m, f"SKIPPED (time budget: {budget_left(args):.0f} s "
+                        f"left, a compile needs ~{prov.min_left_s:.0f} s)")
+            continue
         t_prov = time.perf_counter()
         try:
             _run_provider(case, prov, rec, args, first, sets, grad_out, ref_out, ref_grads,
@@ -570,3 +604,20 @@ def start(script: str, description: str, argv=None, extra_args=None):
     rec = Recorder(args, script)
     set_ceilings(rec.facts)
     return args, rec
+
+
+def plan_args(description: str, argv=(), extra_args=None):
+    """Arguments of a script for benchmarks/gpu_plan.py: the GPU cases, on whatever device."""
+    p = parser(description)
+    if extra_args:
+        extra_args(p)
+    args = p.parse_args(list(argv))
+    finish_args(args, plan_only=True)
+    return args
+
+
+def run_cases(items: list, rec: Recorder, args) -> None:
+    """Run ``items`` (``(make_case, providers)`` per case, the script's order) as
+    ``--first`` / ``--skip-first`` select them."""
+    for make, provs in selected_cases(items, args):
+        run_case(make(), provs, rec, args)

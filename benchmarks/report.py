@@ -69,6 +69,12 @@ def markdown(data: dict) -> str:
               "bandwidth, useful FLOPs / measured bf16 matmul rate). `WRONG (err)`: output or "
               "gradients off the float64/fp32 reference by more than REL_TOL, not timed. "
               "Full rows (quantiles, GB/s, TFLOP/s, memory, errors, notes) are in the JSON.", ""]
+    runs = [(name, ph, p) for name, info in data.get("scripts", {}).items()
+            for ph, p in (info.get("phases") or {}).items()]
+    if runs:  # run_all.py's phases (rc 124: stopped at its time limit)
+        lines += ["| script | phase | rc | seconds |", "|---|---|---|---|"]
+        lines += [f"| {n} | {ph} | {p.get('rc')} | {p.get('seconds')} |" for n, ph, p in runs]
+        lines.append("")
     for name, info in data.get("scripts", {}).items():
         if info.get("skipped") or info.get("rc") not in (0, None):
             lines.append(f"- script `{name}`: rc={info.get('rc')}, "
@@ -205,14 +211,22 @@ def plots(data: dict, stem: str) -> list:
     return made
 
 
-def make_report(json_path: str) -> tuple:
+def write_markdown(json_path: str) -> str:
+    """``<same name>.md`` beside the JSON (no plots: fast, for the refresh after each script)."""
     data = load(json_path)
-    stem = json_path[:-5] if json_path.endswith(".json") else json_path
-    md_path = stem + ".md"
-    with open(md_path, "w") as f:
+    md_path = (json_path[:-5] if json_path.endswith(".json") else json_path) + ".md"
+    with open(md_path + ".tmp", "w") as f:
         f.write(markdown(data))
+    import os
+    os.replace(md_path + ".tmp", md_path)
+    return md_path
+
+
+def make_report(json_path: str) -> tuple:
+    md_path = write_markdown(json_path)
     print(f"[report] wrote {md_path}")
-    return md_path, plots(data, stem)
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    return md_path, plots(load(json_path), stem)
 
 
 def main(argv=None) -> int:
