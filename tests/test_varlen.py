@@ -574,7 +574,7 @@ def test_plan_and_backend_validation():
         pk.band_attention_varlen(q, k, v, [0, 4, 9], (1, 1), plan=plan)
     with pytest.raises(TypeError, match=r"plan must be a VarlenPlan from plan_partial_global"):
         pk.partial_global_attention_varlen(q, k, v, plan=plan)
-    with pytest.raises(ValueError, match=r"q has 8 tokens but cu_seqlens_q\[-1\] = 9"):
+    with pytest.raises(ValueError, match=r"q has 8 tokens but cu_seqlens\[-1\] = 9"):
         pk.band_attention_varlen(q[:8], k[:8], v[:8], window=(1, 1), plan=plan)
     with pytest.raises(ValueError, match=r"no varlen kernels"):
         pk.band_attention_varlen(q, k, v, [0, 4, 9], (1, 1), backend="cuda")
