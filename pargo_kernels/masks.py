@@ -117,7 +117,8 @@ def _adaptive_windows(n_in: int, n_out: int, device) -> torch.Tensor:
 @dataclass(frozen=True)
 class BandMask:
     """Banded self-attention (DESIGN.md §2): query ``i`` sees key ``j`` iff
-    ``i - left <= j <= i + right``. Windows wider than ``n`` are valid and clipped."""
+    ``i - left <= j <= i + right``. Windows wider than ``n`` are valid and clipped, however
+    large (``2**64`` included): every backend sees the same clipped band."""
 
     n: int
     left: int
@@ -125,7 +126,9 @@ class BandMask:
 
     def __post_init__(self):
         check_int("n", self.n, 1)
-        _check_window(self.left, self.right)
+        left, right = _check_window(self.left, self.right)
+        object.__setattr__(self, "left", left)  # Python ints (numpy ints accepted)
+        object.__setattr__(self, "right", right)
 
     n_query = property(lambda self: self.n)
     n_key = property(lambda self: self.n)
@@ -138,8 +141,8 @@ class BandMask:
 
     def materialize(self, device=None) -> torch.Tensor:
         i = torch.arange(self.n, device=device)
-        d = i[None, :] - i[:, None]  # j - i
-        return (d >= -self.left) & (d <= self.right)
+        d = i[None, :] - i[:, None]  # j - i, in (-n, n): a wider window changes nothing
+        return (d >= -min(self.left, self.n)) & (d <= min(self.right, self.n))
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,9 @@ class ParGoSelfMask:
             raise ValueError("window must be a pair (left, right) of non-negative ints or None, "
                              f"got left={self.left!r}, right={self.right!r}")
         if self.left is not None:
-            _check_window(self.left, self.right)
+            left, right = _check_window(self.left, self.right)
+            object.__setattr__(self, "left", left)
+            object.__setattr__(self, "right", right)
 
     n_query = n_key = property(lambda self: self.n)
     kind = KIND_PARGO_SELF
@@ -191,9 +196,8 @@ class ParGoSelfMask:
         return same & (band | ~partial[:, None])
 
 
-def _check_window(left, right) -> None:
-    check_int("window[0] (left)", left, 0)
-    check_int("window[1] (right)", right, 0)
+def _check_window(left, right) -> tuple[int, int]:
+    return check_int("window[0] (left)", left, 0), check_int("window[1] (right)", right, 0)
 
 
 def ascii_mask(mask: torch.Tensor, max_cols: int = 72) -> str:

@@ -207,6 +207,9 @@ def _check_x(x, in_grid, out_grid) -> tuple[list[int], list[int]]:
     if hin * win != x.shape[1]:
         raise ValueError(f"x has {x.shape[1]} tokens but in_grid {(hin, win)} has "
                          f"{hin * win} cells (x must be [B, Hin*Win, C])")
+    if hout * wout >= 2**31:  # as the varlen op's limit; the ops' int lists stop at 2**63
+        raise ValueError(f"out_grid {(hout, wout)} has {hout * wout} cells, more than "
+                         "2**31 - 1")
     return [hin, win], [hout, wout]
 
 

@@ -44,6 +44,7 @@ from .varlen_plan import (A_K_START, A_NQ, A_NV, A_P0, A_Q_START, KIND_POOL, P_H
                           P_IN_START, P_WIN, P_WOUT, VarlenPlan, band_window, check_cu_seqlens,
                           check_windows, plan_band, plan_partial_global, plan_pool)
 
+_MAX_TOKENS = 2**31 - 1  # check_cu_seqlens refuses longer batches
 _CUDA_REFUSAL = ("the CUDA extension has no varlen kernels (packed batches run on the Triton "
                  "backend)")
 
@@ -260,8 +261,7 @@ def _run_attention(op: str, q, k, v, plan: VarlenPlan, kind: int, window, scale,
     chosen = _choose(op, q, backend,
                      lambda: _attention_triton_reasons(q[None], k[None], v[None]))
     if _eager():
-        plan.check_length("q", q.shape[0], A_Q_START, "cu_seqlens_q")
-        plan.check_length("k", k.shape[0], A_K_START, "cu_seqlens_k")
+        plan.check_lengths(q.shape[0], k.shape[0])
     if chosen == "reference":
         return _attention_reference(q, k, v, plan, kind, window, scale)
     refuse_functorch(op, chosen)
@@ -373,8 +373,11 @@ def band_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, wind
         raise TypeError("window must be a pair (left, right) of non-negative ints, or one pair "
                         f"per sequence, got {window!r}")
     else:
-        BandMask(1, window[0], window[1])  # validates the window
-    return _run_attention("band_attention_varlen", q, k, v, plan, KIND_BAND, tuple(window),
+        band = BandMask(1, window[0], window[1])  # validates the window
+        # Clipped as the kernels clip it to each sequence (no sequence reaches 2**31 tokens), so
+        # a window of 2**63 or more is as valid as on the fixed-shape op.
+        window = (min(band.left, _MAX_TOKENS), min(band.right, _MAX_TOKENS))
+    return _run_attention("band_attention_varlen", q, k, v, plan, KIND_BAND, window,
                           check_scale(scale, q.shape[2]), backend)
 
 

@@ -115,6 +115,13 @@ class VarlenPlan:
         if n != self.total(column):
             raise ValueError(f"{name} has {n} tokens but {offsets}[-1] = {self.total(column)}")
 
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        """An attention plan against its ``q`` and ``k`` lengths; messages name the offsets
+        argument of the op (``cu_seqlens`` for a band, ``cu_seqlens_q`` / ``_k`` otherwise)."""
+        band = self.kind == KIND_BAND
+        self.check_length("q", n_q, A_Q_START, "cu_seqlens" if band else "cu_seqlens_q")
+        self.check_length("k", n_k, A_K_START, "cu_seqlens" if band else "cu_seqlens_k")
+
     def search_steps(self) -> int:
         """Iterations of the kernels' binary search over the sequences."""
         return math.ceil(math.log2(max(self.n_seq, 1)))
@@ -127,6 +134,9 @@ def _ints(name: str, value) -> list[int]:
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if value.device.type == "meta":  # no values to read (the plan is built on the host)
+            raise ValueError(f"{name} is on the meta device, which holds no values: pass a "
+                             "list of ints or a CPU or CUDA int tensor")
         return [int(v) for v in value.reshape(-1).tolist()]  # CUDA tensor: one copy to host
     if isinstance(value, (list, tuple)):
         return [check_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
@@ -216,7 +226,7 @@ def _per_seq_ints(name: str, value, n_seq: int) -> list[int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return [int(value)] * n_seq
     if isinstance(value, torch.Tensor) and value.dim() == 0:
-        return [int(value)] * n_seq
+        return _ints(name, value) * n_seq  # dtype and device checked (no float truncated)
     vals = _ints(name, value)
     if len(vals) != n_seq:
         raise ValueError(f"{name} has {len(vals)} entries but there are {n_seq} sequences")

@@ -499,6 +499,58 @@ MUTANTS = [
            "    B, h = (1, 1) if small else (2, H)\n    D = 32 if small else 64\n    q = _randn(",
            ("tests/test_gpu_plan.py",),
            "the profile's CPU shapes compile other kernels than its GPU shapes (head dim 32)"),
+    # --- issue 25: huge ints, 2-D windows over several tiles, key splits, varlen bias
+    Mutant("band-reference-window-unclipped", "pargo_kernels/masks.py",
+           "return (d >= -min(self.left, self.n)) & (d <= min(self.right, self.n))",
+           "return (d >= -self.left) & (d <= self.right)",
+           ("tests/test_int_limits.py", "-k", "every_backend and reference"),
+           "the reference band mask compares with the unclipped window: a window of 2**64 "
+           "overflows (the Triton and CUDA paths clip it)"),
+    Mutant("varlen-band-shared-window-unclipped", "pargo_kernels/varlen.py",
+           "window = (min(band.left, _MAX_TOKENS), min(band.right, _MAX_TOKENS))",
+           "window = (band.left, band.right)",
+           ("tests/test_int_limits.py", "-k", "varlen_huge and shared"),
+           "band_attention_varlen passes a window >= 2**63 to the op unclipped (torch's "
+           "'Expected a value of type List[int]' instead of the fixed-shape op's clipping)"),
+    Mutant("varlen-band-names-cu-seqlens-q", "pargo_kernels/varlen_plan.py",
+           'self.check_length("q", n_q, A_Q_START, "cu_seqlens" if band else "cu_seqlens_q")',
+           'self.check_length("q", n_q, A_Q_START, "cu_seqlens_q")',
+           ("tests/test_int_limits.py", "-k", "name_cu_seqlens"),
+           "band_attention_varlen's length error names cu_seqlens_q, an argument it has not"),
+    Mutant("plan-2d-window-end-floor", PLAN,
+           "((r + 1) * P[1] + P[3] - 1) // P[3] * P[2]",
+           "((r + 1) * P[1]) // P[3] * P[2]",
+           ("tests/test_attention.py", "-k", "several_query_tiles"),
+           "2-D tile key range / dK/dV rows with the window end rounded down (uneven ratios: a "
+           "tile misses its last key row); before issue 25 only the work model's dot count "
+           "(CPU) and the fuzz by chance saw it, no oracle test"),
+    Mutant("dkdv-2d-inverse-assumes-disjoint-windows", PLAN,
+           'q_lo = np.searchsorted(hi, n0, side="right")\n',
+           'q_lo = np.searchsorted(hi, n0, side="right")\n'
+           "        if p.kind in (KIND_PG1D, KIND_PG2D):  # the row owning key n0\n"
+           "            q_lo = np.searchsorted(lo, lo[np.maximum(np.searchsorted(lo, n0, "
+           '"right") - 1, 0)])\n',
+           ("tests/test_attention.py", "-k", "several_query_tiles"),
+           "dK/dV key tiles start at the partial row owning their first key, as if windows "
+           "tiled the keys: overlapping 2-D windows (uneven ratio) lose the earlier grid row"),
+    Mutant("varlen-split-chunk-floor", "pargo_kernels/varlen_plan.py",
+           "chunks = [_cdiv(_cdiv(b, n_split), SPLIT_ALIGN) * SPLIT_ALIGN if s else b",
+           "chunks = [_cdiv(b // n_split, SPLIT_ALIGN) * SPLIT_ALIGN if s else b",
+           ("tests/test_varlen_split.py", "-k", "not_a_multiple"),
+           "varlen key-split chunks of floor(Nv / S) keys: the last keys of a sequence whose "
+           "count S does not divide are never visited (e.g. 1537 keys, S = 3)"),
+    Mutant("varlen-pool-project-bias-stride-ignored", "pargo_kernels/ops/varlen_pool_triton.py",
+           "acc += tl.load(BIAS + feats * sbc, mask=f_ok, other=0.0)",
+           "acc += tl.load(BIAS + feats, mask=f_ok, other=0.0)",
+           ("tests/test_varlen.py", "-k", "bias_strides"),
+           "the fused varlen pooling + projection reads the bias as contiguous (a strided or "
+           "expanded bias gives other elements)"),
+    Mutant("varlen-pool-project-autocast-skips-bias", "pargo_kernels/varlen.py",
+           '@autocast_like_sdpa("x", "weight", "bias")  # as F.linear',
+           '@autocast_like_sdpa("x", "weight")  # as F.linear',
+           ("tests/test_varlen.py", "-k", "autocast_with_bias"),
+           "under autocast the varlen pooling + projection leaves the bias in fp32 (a dtype "
+           "error where F.linear casts it)"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",

@@ -96,6 +96,46 @@ def test_partial_global_dtypes_and_layouts(variant, dtype, device):
     _check(op, mask, 1, 2, D, Dv, dtype, device, "triton", layout)
 
 
+# 2-D windows over several partial-query tiles with an uneven visual/partial ratio (adaptive
+# windows that overlap): the key range of each query tile and the query rows of each key tile
+# (attention_plan.query_entries / key_entries) must hold every row's window. Tiles
+# (attention_plan.tile_config, the same under the interpreter and on sm_80..sm_90 for these):
+# head dim 16, 16-bit forward and dQ 64 query rows, dK/dV 32 rows x 64 keys; fp32 32 rows.
+PG2D_MULTI_TILE = {
+    # id: (Nq, Nv, n_partial, visual_grid, partial_grid)
+    "paper-24x24-18x16": (304, 576, 288, (24, 24), (18, 16)),  # the paper's 2-D ParGo
+    "tile-ends-mid-row-13x14-9x10": (93, 182, 90, (13, 14), (9, 10)),
+}
+
+
+@pytest.mark.parametrize("case,dtype", [
+    ("paper-24x24-18x16", torch.float16), ("paper-24x24-18x16", torch.bfloat16),
+    ("tile-ends-mid-row-13x14-9x10", torch.float16),
+    ("tile-ends-mid-row-13x14-9x10", torch.bfloat16),
+    ("tile-ends-mid-row-13x14-9x10", torch.float32)], ids=lambda x: str(x).replace("torch.", ""))
+def test_2d_windows_over_several_query_tiles(case, dtype, device):
+    """Forward and every gradient against the float64 oracle, at shapes whose partial rows fill
+    more than one query tile of every pass, with grid rows that span tile boundaries (paper:
+    4.5 forward tiles of 4 grid rows; 13x14 -> 9x10: tiles end inside a grid row)."""
+    nq, nv, np_, vgrid, pgrid = PG2D_MULTI_TILE[case]
+    mask = PartialGlobalMask(nq, nv, np_, vgrid, pgrid)
+    from pargo_kernels.ops import attention_plan as plan
+    q = torch.empty(1, 1, nq, 16, dtype=dtype, device=device)
+    p = attention_triton.problem(q, q.new_empty(1, 1, nv, 16), q.new_empty(1, 1, nv, 16),
+                                 mask.kind, mask.params)
+    for launch in plan.forward_plan(p) + plan.backward_plan(p):
+        if launch.name in ("fwd", "dq"):  # more than one partial tile
+            assert (launch.table[:, 4] == 0).sum() >= 2, (launch.name, launch.cfg)
+    if case.startswith("tile-ends"):
+        assert any(m0 % pgrid[1] for m0 in range(0, np_, plan.tile_config(
+            "fwd", 16, dtype, p.arch)["BLOCK_M"]))
+
+    def op(q, k, v, be):
+        return pk.partial_global_attention(q, k, v, np_, visual_grid=vgrid, partial_grid=pgrid,
+                                           backend=be)
+    _check(op, mask, 1, 1, 16, 16, dtype, device, "triton")
+
+
 BAND_CASES = {
     # id: (N, window)
     "self-only-0-0": (50, (0, 0)),

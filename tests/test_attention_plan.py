@@ -12,6 +12,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import pargo_kernels as pk
 from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
@@ -228,3 +230,99 @@ def test_launchers_choose_only_aot_configs(monkeypatch):
                         assert not missing, f"sm_{arch} {dtype} d={d}: not in aot_specs: {missing}"
                         seen |= set(launched)
         assert seen == specs, f"sm_{arch}: aot_specs lists configs no launch uses: {specs - seen}"
+
+
+# --------------------------------------------------------------------------------------------
+# plan coverage: every allowed (row, key) pair visited exactly once, on drawn shapes
+# --------------------------------------------------------------------------------------------
+@st.composite
+def _planned_masks(draw):
+    """A mask of every kind on a drawn shape (2-D: uneven ratios, several partial tiles; key
+    counts that are no multiple of the tile or split size), a tile table's dtype, head dim and
+    arch, and a key-split threshold low enough that global tiles split."""
+    kind = draw(st.sampled_from(["pg1d", "pg2d", "band", "pgself"]))
+    if kind == "pg2d":
+        hv, wv = draw(st.integers(1, 30)), draw(st.integers(1, 30))
+        hp, wp = draw(st.integers(1, 30)), draw(st.integers(1, 30))  # finer than hv, wv too
+        if hp * wp > hv * wv:
+            hp, wp = min(hp, hv), min(wp, wv)
+        mask = PartialGlobalMask(hp * wp + draw(st.integers(0, 40)), hv * wv, hp * wp,
+                                 (hv, wv), (hp, wp))
+    elif kind == "pg1d":
+        nv = draw(st.integers(1, 700))
+        np_ = draw(st.integers(0, min(nv, 300)))
+        mask = PartialGlobalMask(np_ + draw(st.integers(0 if np_ else 1, 70)), nv, np_)
+    elif kind == "band":
+        n = draw(st.integers(1, 400))
+        mask = BandMask(n, draw(st.integers(0, n + 3)), draw(st.integers(0, n + 3)))
+    else:
+        n = draw(st.integers(1, 500))
+        np_ = draw(st.integers(0, n))
+        window = draw(st.none() | st.tuples(st.integers(0, np_ + 3), st.integers(0, np_ + 3)))
+        mask = ParGoSelfMask(n, np_, *(window or (None, None)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    d = draw(st.sampled_from([16, 64, 128, 256]))
+    arch = draw(st.sampled_from([80, 86, 90]))
+    p = plan.Problem(1, 1, mask.n_query, mask.n_key, d, d, dtype, mask.kind, mask.params, arch)
+    return p, mask, draw(st.integers(1, 6))
+
+
+def _query_coverage(p, mask, launch):
+    """Keys each row's programs count, as the forward / dQ kernels count them: a program loops
+    over key tiles ``range(n_lo, n_hi, BLOCK_N)`` and counts key ``c`` of a tile wherever the
+    row's mask allows it (keys at or past ``n_hi`` read zeros but are not masked out, so none
+    may be allowed there). Returns ``[Nq, Nv]`` counts."""
+    dense = mask.materialize().numpy()
+    counts = np.zeros(dense.shape, np.int64)
+    bm, bn = launch.cfg["BLOCK_M"], launch.cfg["BLOCK_N"]
+    slots = {}
+    for m0, row_end, n_lo, n_hi, is_global, slot in launch.table.tolist():
+        rows = np.arange(m0, min(m0 + bm, row_end))
+        assert (rows < p.n_seg).all() != bool(is_global) or not len(rows)
+        slots.setdefault(m0, []).append(slot)
+        assert 0 <= n_lo and n_hi <= p.Nv, (launch.name, m0, n_lo, n_hi, "keys out of range")
+        if n_hi <= n_lo:
+            continue
+        end = min(n_lo + -(-(n_hi - n_lo) // bn) * bn, p.Nv)  # the loop's last tile, clipped
+        seen = dense[rows, n_lo:end]
+        assert not seen[:, n_hi - n_lo:].any(), (launch.name, m0, n_lo, n_hi, "past n_hi")
+        counts[rows, n_lo:end] += seen
+    for m0, s in slots.items():  # one program per tile, or key splits with distinct slots
+        assert s == [-1] or sorted(s) == list(range(len(s))), (launch.name, m0, s)
+    return counts
+
+
+@settings(max_examples=60, deadline=None, database=None, print_blob=True)
+@given(case=_planned_masks())
+@example(case=(_problem(PartialGlobalMask(304, 576, 288, (24, 24), (18, 16))),
+               PartialGlobalMask(304, 576, 288, (24, 24), (18, 16)), 1))
+@example(case=(_problem(ParGoSelfMask(250, 41, 2, 1), dtype=torch.float32),
+               ParGoSelfMask(250, 41, 2, 1), 1))
+def test_plans_visit_every_allowed_pair_once(case):
+    """The launch plans of every mask kind, drawn shapes, the tile tables of fp32 / 16-bit and
+    several archs, with global tiles split over their keys (key counts no multiple of the
+    split's chunk): each query row's programs count every key its mask allows exactly once and
+    none it does not (forward, dQ, the 16-bit delta-only launch); each key tile's dK/dV program
+    visits every row that sees one of its keys, first-segment rows in the first loop and
+    global rows in the second (each loop computes its rows' windows as that kind)."""
+    p, mask, split = case
+    dense = mask.materialize().numpy()
+    for launch in plan.forward_plan(p, split) + plan.backward_plan(p, split):
+        if launch.name in ("fwd", "dq", "dq_delta"):
+            counts = _query_coverage(p, mask, launch)
+            if launch.name == "dq_delta":  # the split global tiles only
+                split_rows = np.unique(np.concatenate([np.arange(m0, min(m0 + launch.cfg[
+                    "BLOCK_M"], p.Nq)) for m0 in launch.table[:, 0].tolist()]))
+                assert (counts[split_rows] == dense[split_rows]).all()
+            else:
+                assert (counts == dense).all(), launch.name
+        elif launch.name == "dkdv":
+            bn = launch.cfg["BLOCK_N"]
+            for n0, q_lo, q_hi, g_lo, g_hi, _ in launch.table.tolist():
+                assert 0 <= q_lo <= q_hi <= p.n_seg, (n0, q_lo, q_hi)
+                assert g_lo == g_hi or p.n_seg <= g_lo <= g_hi <= p.Nq, (n0, g_lo, g_hi)
+                visited = np.zeros(p.Nq, bool)
+                visited[q_lo:q_hi] = True
+                visited[g_lo:g_hi] = True
+                need = dense[:, n0:n0 + bn].any(1)
+                assert visited[need].all(), (n0, q_lo, q_hi, g_lo, g_hi)

@@ -256,3 +256,37 @@ def test_pargo_refuses_a_partial_grid_finer_than_the_image():
                            n_partial=8, n_global=1, partial_grid=(4, 2), **QUERY)
     with pytest.raises(ValueError, match=r"visual_grids\[1\].*partial grid \(2, 1\)"):
         proj(torch.randn(16 + 1, 8), visual_grids=[(2, 8), (1, 1)])
+
+
+@pytest.mark.parametrize("cfg_id", ["mlp2x_gelu", "pargo-2d-official", "pargo-1d-cascade-causal",
+                                    "qformer", "deco", "cabstractor"])
+def test_visual_grids_as_an_int_tensor(cfg_id):
+    """``visual_grids`` as an int tensor ``[n_images, 2]`` (int64 or int32), as the varlen ops
+    take it, gives exactly the list's output and counts (both impls); a tensor of the wrong
+    dtype, shape or values is refused naming ``visual_grids`` as the varlen ops refuse it."""
+    name, cfg = CONFIGS.get(cfg_id, (cfg_id, {}))
+    proj = _perturbed(name, cfg, **({} if name == "mlp2x_gelu" else dict(backend="reference")))
+    x = torch.randn(sum(r * c for r, c in MIXED), 8, dtype=torch.float64)
+    for impl in ("reference", "kernels"):
+        if name == "mlp2x_gelu" and impl == "kernels":
+            continue  # a token-wise projector has one path
+        kw = {} if name == "mlp2x_gelu" else dict(impl=impl)
+        y, counts = proj(x, visual_grids=MIXED, **kw)
+        for dtype in (torch.int64, torch.int32):
+            yt, counts_t = proj(x, visual_grids=torch.tensor(MIXED, dtype=dtype), **kw)
+            assert counts_t == counts and all(type(c) is int for c in counts_t)
+            assert torch.equal(yt, y), f"{impl} {dtype}"
+    bad = [(torch.tensor(MIXED, dtype=torch.float32), TypeError,
+            r"^visual_grids must be an integer tensor, got torch.float32"),
+           (torch.tensor(MIXED, dtype=torch.bool), TypeError, r"^visual_grids must be an integer"),
+           (torch.tensor(MIXED).flatten(), ValueError, r"^visual_grids must be \[n_seq, 2\], got "
+                                                       r"shape \(12,\)"),
+           (torch.ones(len(MIXED), 3, dtype=torch.long), ValueError,
+            r"^visual_grids must be \[n_seq, 2\], got shape \(6, 3\)"),
+           (torch.tensor(3), ValueError, r"^visual_grids must be \[n_seq, 2\], got shape \(\)"),
+           (torch.zeros(0, 2, dtype=torch.long), ValueError, r"^visual_grids must name at least"),
+           (torch.tensor([(3, 5), (1, 0)]), ValueError, r"^visual_grids\[1\] .* must be positive"),
+           (torch.tensor(MIXED, device="meta"), ValueError, r"^visual_grids is on the meta device")]
+    for grids, error, match in bad:
+        with pytest.raises(error, match=match):
+            proj(x, visual_grids=grids)

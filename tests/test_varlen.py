@@ -401,6 +401,83 @@ def test_pool_project_varlen(dtype, bias, device):
         _check(name, g, r, dtype, images)
 
 
+def _bias(n, layout, device, dtype=torch.float32):
+    """``(leaf, view)``: the bias leaf and the ``[n]`` view the op gets: contiguous, every
+    other element of a ``[2n]`` buffer (stride 2), or one value expanded (stride 0)."""
+    if layout == "strided":
+        leaf = torch.randn(2 * n, device=device).to(dtype)
+        return leaf, lambda t: t[::2]
+    if layout == "expanded":
+        leaf = torch.randn(1, device=device).to(dtype)
+        return leaf, lambda t: t.expand(n)
+    return torch.randn(n, device=device).to(dtype), lambda t: t
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "strided"),
+                                          (torch.float32, "expanded"),
+                                          (torch.bfloat16, "strided")],
+                         ids=["fp32-strided", "fp32-expanded", "bf16-strided"])
+def test_pool_project_varlen_bias_strides(dtype, layout, device):
+    """The fused varlen pooling + projection with a bias view of stride 2 or 0 (an expanded
+    scalar): output and every gradient (the bias leaf's too: summed over the features an
+    expanded bias stands for) against the float64 per-image oracle."""
+    images = [((5, 7), (3, 2)), ((1, 1), (2, 3)), ((4, 6), (4, 6)), ((7, 3), (2, 2))]
+    random.shuffle(images)
+    cu = _offsets([a * b for (a, b), _ in images])
+    C, NF = 24, 20
+    x = torch.randn(cu[-1], C, device=device).to(dtype)
+    w = (torch.randn(NF, C, device=device) * C ** -0.5).to(dtype)
+    b, view = _bias(NF, layout, device, dtype)
+    grad = torch.randn(sum(a * c for _, (a, c) in images), NF, device=device)
+    ins, outs = [g for g, _ in images], [g for _, g in images]
+
+    def packed(a, weight, bias):
+        return pk.adaptive_avg_pool_project_varlen(a, weight, view(bias), cu, ins, outs,
+                                                   backend="triton")[0]
+
+    out, grads = _grads(packed, (x, w, b), grad)
+    ref, ref_grads = _grads(lambda a, weight, bias: _pool_oracle(a, images, (weight, view(bias))),
+                            (x, w, b), grad, torch.float64)
+    _check("out", out, ref, dtype, images)
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        _check(name, g, r, dtype, images)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_pool_project_varlen_autocast_with_bias(amp, device):
+    """Under torch.autocast the fused varlen pooling + projection casts x, weight and a
+    (strided) bias to the autocast dtype, as F.linear: output in that dtype against the
+    float64 oracle on the cast inputs; the fp32 leaves' gradients (bias included) through the
+    casts."""
+    images = [((5, 7), (3, 2)), ((3, 3), (1, 1)), ((4, 4), (2, 3))]
+    cu = _offsets([a * b for (a, b), _ in images])
+    C, NF = 16, 12
+    x = torch.randn(cu[-1], C, device=device)
+    w = torch.randn(NF, C, device=device) * C ** -0.5
+    b, view = _bias(NF, "strided", device)
+    grad = torch.randn(sum(a * c for _, (a, c) in images), NF, device=device)
+    ins, outs = [g for g, _ in images], [g for _, g in images]
+
+    def packed(a, weight, bias):
+        with torch.autocast(device, dtype=amp):
+            return pk.adaptive_avg_pool_project_varlen(a, weight, view(bias), cu, ins, outs,
+                                                       backend="triton")[0]
+
+    def oracle(a, weight, bias):  # the casts autocast makes, then float64
+        a, weight, bias = (t.to(amp).double() for t in (a, weight, view(bias)))
+        return _pool_oracle(a, images, (weight, bias))
+
+    out, grads = _grads(packed, (x, w, b), grad)
+    ref, ref_grads = _grads(oracle, (x, w, b), grad, torch.float32)
+    assert out.dtype == amp
+    assert all(g.dtype == torch.float32 for g in grads)
+    _check("out", out, ref, amp, images)
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        _check(name, g, r, amp, images)
+
+
 @pytest.mark.triton
 def test_pool_single_out_grid_and_tensor_arguments(device):
     ins = torch.tensor([[5, 7], [3, 3]])
@@ -592,7 +669,7 @@ def test_plan_and_backend_validation():
         pk.band_attention_varlen(q, k, v, [0, 4, 9], (1, 1), plan=plan)
     with pytest.raises(TypeError, match=r"plan must be a VarlenPlan from plan_partial_global"):
         pk.partial_global_attention_varlen(q, k, v, plan=plan)
-    with pytest.raises(ValueError, match=r"q has 8 tokens but cu_seqlens_q\[-1\] = 9"):
+    with pytest.raises(ValueError, match=r"q has 8 tokens but cu_seqlens\[-1\] = 9"):
         pk.band_attention_varlen(q[:8], k[:8], v[:8], window=(1, 1), plan=plan)
     with pytest.raises(ValueError, match=r"no varlen kernels"):
         pk.band_attention_varlen(q, k, v, [0, 4, 9], (1, 1), backend="cuda")

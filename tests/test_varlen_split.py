@@ -13,8 +13,11 @@ import os
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import pargo_kernels as pk
 from pargo_kernels import varlen_plan
@@ -159,3 +162,65 @@ def test_model_balance_of_the_dynres_batch():
                     assert ratio <= bound, (la["launch"].name, max(iters), ratio)
                 elif which == "fwd":
                     assert ratio > 8 and max(iters) == 36
+
+
+@st.composite
+def _split_batches(draw):
+    """Key lengths, partial counts and query lengths of a batch, and a split threshold: key
+    counts mostly no multiple of the threshold, of the split count or of SPLIT_ALIGN."""
+    split_keys = draw(st.sampled_from([1, 16, 24, 32, 64, 100, 768]))
+    nv = draw(st.lists(st.integers(1, 12 * split_keys + 40), min_size=1, max_size=6))
+    n_part = [draw(st.integers(0, min(n, 50))) for n in nv]
+    nq = [p + draw(st.integers(0 if p else 1, 5)) for p in n_part]
+    return nv, n_part, nq, split_keys
+
+
+@settings(max_examples=150, deadline=None, database=None, print_blob=True)
+@given(case=_split_batches())
+@example(case=([96, 49], [3, 5], [5, 6], 32))  # 49 keys in S = 3 chunks of ceil(49 / 3) -> 32
+@example(case=([2304, 1537, 576], [288, 144, 288], [304, 160, 304], 768))  # video + images
+def test_plan_split_chunks_cover_every_key_once(case):
+    """Over drawn batches: every split sequence's chunks ``[s c, min((s + 1) c, Nv))`` (the
+    kernels' ``_query_tile``) cover its keys exactly once in slot order, whatever the
+    remainder of ``Nv`` by the split count or the alignment; ``c`` is a multiple of
+    SPLIT_ALIGN; the split count is the batch's ``ceil(Nv* / split_keys)``; unsplit
+    sequences visit all their keys in one program."""
+    nv, n_part, nq, split_keys = case
+    plan = varlen_plan.plan_partial_global(_cum(nq), _cum(nv), n_part, split_keys=split_keys)
+    long = [b for a, b, p in zip(nq, nv, n_part) if a > p and b > split_keys]
+    assert plan.n_split == (-(-max(long) // split_keys) if long else 1)
+    for i, row in enumerate(plan.meta_host[:-1].tolist()):
+        nsplit, chunk = row[varlen_plan.A_NSPLIT], row[varlen_plan.A_CHUNK]
+        if nsplit == 1:
+            assert chunk == nv[i] and not (nq[i] > n_part[i] and nv[i] > split_keys)
+            continue
+        assert nsplit == plan.n_split and chunk % varlen_plan.SPLIT_ALIGN == 0
+        seen = np.zeros(nv[i], np.int64)
+        for s in range(nsplit):
+            seen[s * chunk:min((s + 1) * chunk, nv[i])] += 1
+        assert (seen == 1).all(), (i, nv[i], nsplit, chunk)
+
+
+def _cum(lens):
+    return [0, *np.cumsum(lens).tolist()]
+
+
+@pytest.mark.parametrize("mode,dtype", [("pg1d", torch.float32), ("pg2d", torch.bfloat16)],
+                         ids=["pg1d-fp32", "pg2d-bf16"])
+def test_split_keys_not_a_multiple_of_the_chunk(mode, dtype, device, monkeypatch):
+    """The oracle (forward, every gradient) where the split rule's chunks do not divide the key
+    counts: split_keys = 32, a 96-key sequence sets S = 3, so a 49-key sequence splits into
+    chunks of ceil(49 / 3) -> 32 keys: [0, 32), [32, 49) and an empty third."""
+    monkeypatch.setattr(varlen_plan, "SPLIT_KEYS", 32)
+    if mode == "pg1d":
+        seqs = [(random.randint(4, 9), 96, 3), (random.randint(6, 10), 49, 5)]
+    else:  # 8x12 -> 3x4 and 7x7 -> 3x2 with 1-3 globals each
+        seqs = [(12 + random.randint(1, 3), 96, 12, (8, 12), (3, 4)),
+                (6 + random.randint(1, 3), 49, 6, (7, 7), (3, 2))]
+    plans = []
+    real = varlen_plan._attention_plan
+    monkeypatch.setattr(varlen_plan, "_attention_plan",
+                        lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    _attention_case(seqs, mode, dtype, device, strided=dtype != torch.float32)
+    rows = plans[-1].meta_host.tolist()
+    assert plans[-1].n_split == 3 and rows[1][varlen_plan.A_CHUNK] == 32

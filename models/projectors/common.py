@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
 from torch import nn
 
 from pargo_kernels._validate import check_grid, check_int
+from pargo_kernels.varlen_plan import check_grids
 
 __all__ = ["BACKENDS", "IMPLS", "Projector", "check_backend", "check_dropout", "check_grid",
            "check_impl", "check_int", "check_pos_int", "offsets", "resolve_query_grid",
@@ -101,13 +103,24 @@ class Projector(nn.Module):
     def check_packed(self, x, visual_grids) -> list[tuple[int, int]]:
         """Validate a packed batch: ``x [total, vision_width]`` holding images of
         ``visual_grids[i] = (rows_i, cols_i)`` back to back (row-major, CLS dropped), with
-        ``total = sum(rows_i * cols_i)``. Returns the grids as int pairs."""
-        if isinstance(visual_grids, (str, bytes)) or not hasattr(visual_grids, "__len__"):
-            raise TypeError("visual_grids must be a sequence of (rows, cols) pairs, one per "
-                            f"image, got {type(visual_grids).__name__}")
-        if len(visual_grids) == 0:
-            raise ValueError("visual_grids must name at least one image, got an empty sequence")
-        grids = [check_grid(f"visual_grids[{i}]", g) for i, g in enumerate(visual_grids)]
+        ``total = sum(rows_i * cols_i)``; ``visual_grids`` is a sequence of pairs or an int
+        tensor ``[n_images, 2]`` (a CUDA one is copied to the host once), as in the varlen
+        ops. Returns the grids as int pairs."""
+        if isinstance(visual_grids, torch.Tensor):  # the varlen ops' check: dtype, shape, values
+            n = visual_grids.shape[0] if visual_grids.dim() == 2 else -1
+            grids = check_grids("visual_grids", visual_grids, max(n, 0))
+            if not grids:
+                raise ValueError("visual_grids must name at least one image, got shape "
+                                 f"{tuple(visual_grids.shape)}")
+        else:
+            if isinstance(visual_grids, (str, bytes)) or not hasattr(visual_grids, "__len__"):
+                raise TypeError("visual_grids must be a sequence of (rows, cols) pairs, one per "
+                                f"image, or an int tensor [n_images, 2], got "
+                                f"{type(visual_grids).__name__}")
+            if len(visual_grids) == 0:
+                raise ValueError("visual_grids must name at least one image, got an empty "
+                                 "sequence")
+            grids = [check_grid(f"visual_grids[{i}]", g) for i, g in enumerate(visual_grids)]
         total = sum(r * c for r, c in grids)
         if x.dim() != 2 or x.shape[0] != total or x.shape[1] != self.vision_width:
             raise ValueError(

@@ -318,8 +318,7 @@ def check_lengths(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
     """Tensor lengths against the plan. Row offsets are 64-bit everywhere (the sequence start
     and the local rows of the shared helpers), so no sequence length is refused for its
     strides."""
-    plan.check_length("q", q.shape[0], _plan.A_Q_START, "cu_seqlens_q")
-    plan.check_length("k", k.shape[0], _plan.A_K_START, "cu_seqlens_k")
+    plan.check_lengths(q.shape[0], k.shape[0])
 
 
 # Per-arch varlen tiles where the fixed-shape table (attention_plan.tile_config, itself per
