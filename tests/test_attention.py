@@ -108,6 +108,7 @@ PG2D_MULTI_TILE = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("case,dtype", [
     ("paper-24x24-18x16", torch.float16), ("paper-24x24-18x16", torch.bfloat16),
     ("tile-ends-mid-row-13x14-9x10", torch.float16),

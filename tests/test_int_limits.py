@@ -75,7 +75,10 @@ class _CudaOpsStandIn:
         return out, torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "cuda"])
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "reference", "cuda"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", list(OPS))
 def test_huge_windows_are_clipped_on_every_backend(op, backend, device, monkeypatch):
     call, dense = OPS[op]
@@ -125,7 +128,7 @@ VARLEN_WINDOWS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS[:2])
 @pytest.mark.parametrize("case", list(VARLEN_WINDOWS))
 def test_varlen_huge_windows_are_clipped(case, backend, device):
     """The packed band op with huge windows (shared, per-sequence list or int tensor) against the
@@ -207,7 +210,7 @@ def test_meta_device_arguments_are_named():
         pk.partial_global_attention_varlen(q, q, q, [0, 6], [0, 6], torch.tensor(2.5))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_band_varlen_messages_name_cu_seqlens(backend, device):
     """band_attention_varlen has one offsets argument, ``cu_seqlens``: its length errors name it
     (from the op and from the launcher, which repeats the check under torch.compile), where the

@@ -205,6 +205,7 @@ def _cum(lens):
     return [0, *np.cumsum(lens).tolist()]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("mode,dtype", [("pg1d", torch.float32), ("pg2d", torch.bfloat16)],
                          ids=["pg1d-fp32", "pg2d-bf16"])
 def test_split_keys_not_a_multiple_of_the_chunk(mode, dtype, device, monkeypatch):
