@@ -458,6 +458,23 @@ MUTANTS = [
            ("tests/test_suite_setup.py", "-k", "nearest"),
            "the interpreter's fp32 -> bf16 cast left truncating (the conftest's round-to-nearest "
            "patch not applied)"),
+    Mutant("best-checkpoint-staging-path", "models/mllm/trainer.py",
+           "            if best == self.state.global_step or final_best.is_dir():",
+           "            if final_best.is_dir():",
+           ("tests/test_train_best.py",),
+           "the best checkpoint of the step being saved is recorded by its staging path "
+           "(rotation then deletes it, load_best_model_at_end cannot find it)"),
+    Mutant("best-checkpoint-state-not-rewritten", "models/mllm/trainer.py",
+           "            self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))",
+           "            pass",
+           ("tests/test_train_best.py",),
+           "the checkpoint's trainer_state.json keeps the staging path of the best checkpoint"),
+    Mutant("best-model-not-loaded", "models/mllm/trainer.py",
+           "        self._load_from_checkpoint(best)\n",
+           "        super()._load_best_model()\n",
+           ("tests/test_train_best.py",),
+           "load_best_model_at_end looks for Trainer's whole-model weights file, finds none, "
+           "keeps the last step's weights"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
