@@ -324,7 +324,7 @@ def build_model(margs, targs, model: MLLM | None = None) -> MLLM:
     if margs.pretrain_mm_mlp_adapter:
         model.projector.load_state_dict(torch.load(margs.pretrain_mm_mlp_adapter,
                                                    map_location="cpu"))
-    model.vision_tower.requires_grad_(margs.unfreeze_mm_vision_tower)
+    model.set_vision_tower_trainable(margs.unfreeze_mm_vision_tower)
     model.llm.requires_grad_(False)
     model.projector.requires_grad_(True)
     if margs.stage == 2:
