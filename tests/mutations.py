@@ -504,6 +504,11 @@ MUTANTS = [
            "            if False:  # 16-bit logits",
            ("tests/test_mllm.py", "-k", "logits_precision"),
            "the cross entropy of bf16 / fp16 logits runs in 16 bits"),
+    Mutant("best-model-unverified", "models/mllm/trainer.py",
+           "            verify_checkpoint(best)\n            return True",
+           "            return True",
+           ("tests/test_train_best.py",),
+           "load_best_model_at_end loads a damaged best checkpoint without checking its manifest"),
 ]
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",

@@ -42,7 +42,8 @@ def test_best_checkpoint_survives_rotation_and_is_loaded_at_the_end(disk, tmp_pa
     """Eval at every save, greater_is_better on eval_loss (the loss falls, so the first
     checkpoint is the best), save_total_limit=1: each saved trainer_state.json names the best
     checkpoint by its final path, rotation keeps it beside the newest, load_best_model_at_end
-    loads its weights (not the last step's), and it is the checkpoint a resume verifies."""
+    loads its weights (not the last step's), verified (a damaged file is refused), and it is
+    the checkpoint a resume verifies."""
     out = tmp_path / "best"
     margs, _, targs = parse_args(_paths(
         disk, out, stage=1, max_steps=6, save_steps=2, eval_strategy="steps", eval_steps=2,
@@ -80,3 +81,8 @@ def test_best_checkpoint_survives_rotation_and_is_loaded_at_the_end(disk, tmp_pa
             assert torch.equal(p.detach(), kept[n]), n
     verify_checkpoint(want)
     assert resolve_resume(out, "latest") == want
+    weights = Path(want) / "trainable.pt"  # damaged: refused, naming the file
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 1)
+    with pytest.raises(ValueError, match=rf"checkpoint-{best}.*trainable\.pt"):
+        trainer._load_best_model()

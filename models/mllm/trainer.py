@@ -367,9 +367,14 @@ class MLLMTrainer(Trainer):
         if self.is_deepspeed_enabled:
             return super()._load_best_model()
         best = self.state.best_model_checkpoint
-        if (Path(best) / MANIFEST).is_file():
-            _on_main_process(lambda: verify_checkpoint(best))
-        else:
+
+        def check():  # on rank 0, every rank taking part in the broadcast
+            if not (Path(best) / MANIFEST).is_file():
+                return False
+            verify_checkpoint(best)
+            return True
+
+        if not _on_main_process(check):
             warnings.warn(f"best checkpoint {best!r} has no {MANIFEST}: loading it unverified",
                           stacklevel=2)
         self._load_from_checkpoint(best)
