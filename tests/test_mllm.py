@@ -513,3 +513,68 @@ def test_build_time_truncation_check_agrees_with_full_tokenisation(model, data):
     else:
         assert got is None, (got, limit)
     assert truncation_problem(tok, conv, max_length=None, **kw) is None
+
+
+@pytest.mark.parametrize("layer", [-2, -1, 1, [-3, -2]])
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_unfrozen_tower_trains_exactly_what_feeds_the_features(toy, tower, layer):
+    """freeze_vision_tower=False on a 3-layer tower: the tower parameters marked trainable are
+    exactly those the loss depends on, as autograd finds them with the whole tower trainable
+    (the later layers, the post-layernorm, SigLIP's head are not); after one backward every
+    trainable parameter of the model has a gradient (DDP needs no find_unused_parameters),
+    the tower's non-zero."""
+    import transformers as tf
+    from models.mllm.model import default_image_processor
+    comp = tiny_components(TOY_WORDS, vision_layers=3)
+    if tower == "siglip":
+        comp["vision_tower"] = tf.SiglipVisionConfig(
+            image_size=28, patch_size=4, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=3, num_attention_heads=2)
+        comp["image_processor"] = default_image_processor(comp["vision_tower"])
+    model = MLLM.build(**comp, projector="mlp2x_gelu", vision_feature_layer=layer,
+                       freeze_vision_tower=False).double()
+    ds = _dataset(model, toy, template="plain")
+    batch = Collator(model.tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    batch["pixel_values"] = batch["pixel_values"].double()
+
+    def tower_grads():
+        model.zero_grad(set_to_none=True)
+        model(**batch)["loss"].backward()
+        return {n: p.grad for n, p in model.vision_tower.named_parameters()
+                if p.grad is not None}
+
+    trainable = {n for n, p in model.vision_tower.named_parameters() if p.requires_grad}
+    grads = tower_grads()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+    assert all(g.abs().max() > 0 for g in grads.values())
+    frozen = {n for n, _ in model.vision_tower.named_parameters()} - trainable
+    assert any(n.startswith("post_layernorm.") for n in frozen), frozen
+    assert tower == "clip" or any(n.startswith("head.") for n in frozen), frozen
+    model.vision_tower.requires_grad_(True)
+    assert set(tower_grads()) == trainable
+    model.set_vision_tower_trainable(False)
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_loss_is_computed_in_the_logits_precision_or_float32(model, toy, dtype):
+    """The loss of a float64 model is float64 (equal to a float64 log-softmax of its logits to
+    ~1e-12; a float32 softmax is ~1e-7 off); 16-bit logits are upcast to float32."""
+    import copy
+    m = copy.deepcopy(model).to(dtype)
+    ds = _dataset(m, toy, template="plain")
+    b = Collator(m.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+    b["pixel_values"] = b["pixel_values"].to(dtype)
+    with torch.no_grad():
+        out = m(**b)
+    logits, labels = out["logits"][:, :-1], b["labels"][:, 1:]
+    assert logits.dtype == dtype
+    keep = labels != IGNORE_INDEX
+    logp = logits.double().log_softmax(-1)
+    want = -logp[keep].gather(-1, labels[keep].unsqueeze(-1)).sum()
+    assert out["loss_sum"].dtype == torch.promote_types(dtype, torch.float32)
+    assert int(out["num_tokens"]) == int(keep.sum()) > 0
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(out["loss_sum"].double(), want, rtol=rtol, atol=0)
+    torch.testing.assert_close(out["loss"].double(), want / keep.sum(), rtol=rtol, atol=0)

@@ -463,13 +463,20 @@ def test_resume_latest_skips_a_truncated_checkpoint_and_continues_exactly(stage1
 
 
 def test_unfrozen_vision_tower_receives_its_gradient(disk, tmp_path):
-    """--unfreeze_mm_vision_tower: the tower's parameters train (in the optimizer) and the loss
-    gradient reaches them: autograd's directional derivative along a random direction equals a
-    central finite difference, in float64."""
+    """--unfreeze_mm_vision_tower: the tower's parameters that feed the features (embeddings,
+    pre-layernorm, the layers up to --mm_vision_select_layer -2: the first of two) train (in
+    the optimizer; the last layer and the post-layernorm, which get no gradient, do not), every
+    trainable parameter gets a gradient, and it is the loss's: autograd's directional
+    derivative along a random direction equals a central finite difference, in float64."""
     margs, _, targs = parse_args(_paths(disk, tmp_path, stage=1, unfreeze_mm_vision_tower=True))
     model = build_model(margs, targs).double()
-    tower = [p for p in model.vision_tower.parameters()]
-    assert all(p.requires_grad for p in tower)
+    names = {n for n, _ in model.vision_tower.named_parameters()}
+    used = {n for n in names if n.startswith(("embeddings.", "pre_layrnorm.",
+                                               "encoder.layers.0."))}
+    assert {n for n in names if n.startswith("encoder.layers.1.")} and \
+        {n for n in names if n.startswith("post_layernorm.")}
+    assert {n for n, p in model.vision_tower.named_parameters() if p.requires_grad} == used
+    tower = [p for p in model.vision_tower.parameters() if p.requires_grad]
     ds = LLaVADataset(disk["data"], disk["images"], model.tokenizer, model.image_processor,
                       image_token_id=model.image_token_id,
                       num_image_tokens=model.num_visual_tokens, template="plain")
@@ -478,19 +485,19 @@ def test_unfrozen_vision_tower_receives_its_gradient(disk, tmp_path):
     trainer = MLLMTrainer(model=model, args=targs, train_dataset=ds)
     in_opt = {id(p) for g in trainer.create_optimizer().param_groups for p in g["params"]}
     assert all(id(p) in in_opt for p in tower)
+    assert all(id(p) not in in_opt for p in model.vision_tower.parameters() if not p.requires_grad)
     model.zero_grad()
     model.train(False)
 
-    def loss_fn():  # float64 token mean (the model's own loss upcasts logits to float32 only)
+    def loss_fn():  # float64 token mean
         logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])["logits"]
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
                                                  b["labels"][:, 1:].flatten())
 
     loss_fn().backward()
-    # the layers after --mm_vision_select_layer (-2) and the post-layernorm get no gradient
-    used = model.vision_tower.encoder.layers[0].parameters()
-    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in used)
-    assert model.vision_tower.embeddings.patch_embedding.weight.grad.abs().max() > 0
+    for n, p in model.named_parameters():  # what trains gets a gradient (DDP: none unused)
+        assert (p.grad is not None) == p.requires_grad, n
+    assert all(p.grad.abs().max() > 0 for p in tower)
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))  # Trainer seeds
     dirs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in tower]
     got = sum((p.grad * d).sum() for p, d in zip(tower, dirs) if p.grad is not None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -180,8 +181,7 @@ class MLLM(nn.Module):
                              f"{' + CLS' if vision_select_feature == 'cls_patch' else ''})")
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_aspect_ratio = image_aspect_ratio
-        if freeze_vision_tower:
-            self.vision_tower.requires_grad_(False)
+        self.set_vision_tower_trainable(not freeze_vision_tower)
 
     # -- construction
     @classmethod
@@ -244,6 +244,20 @@ class MLLM(nn.Module):
         load it); 2-layer MLP projectors only. See :func:`models.mllm.llava.save_llava`."""
         from .llava import save_llava
         save_llava(self, path, template=template)
+
+    def set_vision_tower_trainable(self, trainable: bool) -> None:
+        """Freeze the vision tower, or (``trainable``) train the part of it that feeds the
+        features: :func:`tower_feature_parameters` (embeddings, CLIP's pre-layernorm, the layers
+        up to the deepest ``vision_feature_layer``). The layers after it, the post-layernorm
+        and any pooling head (SigLIP's) stay frozen: they get no gradient, so marking them
+        trainable would only copy them into every checkpoint and make DDP search for unused
+        parameters. They are kept in the module (not deleted, as some LLaVA variants do) so the
+        tower saves, exports and reloads whole, as a frozen one does."""
+        self.vision_tower.requires_grad_(False)
+        if trainable:
+            for p in tower_feature_parameters(self.vision_tower,
+                                              self.vision_feature_layer).values():
+                p.requires_grad_(True)
 
     @property
     def config(self):
@@ -486,7 +500,9 @@ class MLLM(nn.Module):
                           position_ids=position_ids, use_cache=False).logits
         out = {"logits": logits}
         if labels is not None:
-            shift_logits = logits[:, :-1].float()
+            shift_logits = logits[:, :-1]
+            if shift_logits.element_size() < 4:  # 16-bit logits: the softmax in float32
+                shift_logits = shift_logits.float()
             shift_labels = labels[:, 1:]
             loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                        shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
@@ -612,6 +628,39 @@ def check_feature_layer(layer, num_layers: int) -> int | list[int]:
         raise ValueError(f"vision_feature_layer must be in [{-(num_layers + 1)}, {num_layers}] "
                          f"for a {num_layers}-layer tower, got {layer}")
     return list(items) if isinstance(layer, (list, tuple)) else int(layer)
+
+
+def tower_feature_parameters(tower: nn.Module, feature_layer) -> dict[str, nn.Parameter]:
+    """The parameters of ``tower`` that ``hidden_states[feature_layer]`` depends on (a list:
+    on any of them). Hugging Face vision towers hold their ``num_hidden_layers`` layers in one
+    ``ModuleList``; ``hidden_states[k]`` is the output of its first ``k`` layers, so it depends
+    on the parameters registered before the list (embeddings, CLIP's pre-layernorm) and on
+    layers ``0 .. k-1``, not on the later layers nor on what is registered after the list
+    (post-layernorm, pooling head). A tower without that structure: all its parameters, with
+    a warning."""
+    n = int(tower.config.num_hidden_layers)
+    layers = check_feature_layer(feature_layer, n)
+    deepest = max(x % (n + 1) for x in (layers if isinstance(layers, list) else [layers]))
+    params = list(tower.named_parameters())
+    lists = [name for name, m in tower.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n and name]
+    where = None
+    if len(lists) == 1:
+        prefix = lists[0] + "."
+        where = [i for i, (name, _) in enumerate(params) if name.startswith(prefix)]
+        if not where or where != list(range(where[0], where[-1] + 1)):
+            where = None
+    if where is None:
+        warnings.warn(f"vision tower {type(tower).__name__}: no single list of its "
+                      f"{n} layers found, so the layers after vision_feature_layer cannot be "
+                      f"told apart: all its parameters train (some may get no gradient)",
+                      stacklevel=3)
+        return dict(params)
+    used = dict(params[:where[0]])
+    for name, p in params[where[0]:where[-1] + 1]:
+        if int(name[len(prefix):].split(".", 1)[0]) < deepest:
+            used[name] = p
+    return used
 
 
 def ensure_image_token(tokenizer, llm: nn.Module) -> int:

@@ -57,7 +57,7 @@ import transformers
 
 from ..projectors.registry import projector_from_config
 from .llava import exportable_projector, is_llava_checkpoint
-from .model import MLLM, load_llm
+from .model import MLLM, load_llm, tower_feature_parameters
 from .trainer import RUN_CONFIG, TRAINABLE, MLLMTrainer, latest_checkpoint, resolve_resume
 
 STAGE_LR = {1: 1e-3, 2: 2e-5}
@@ -324,7 +324,7 @@ def build_model(margs, targs, model: MLLM | None = None) -> MLLM:
     if margs.pretrain_mm_mlp_adapter:
         model.projector.load_state_dict(torch.load(margs.pretrain_mm_mlp_adapter,
                                                    map_location="cpu"))
-    model.vision_tower.requires_grad_(margs.unfreeze_mm_vision_tower)
+    model.set_vision_tower_trainable(margs.unfreeze_mm_vision_tower)
     model.llm.requires_grad_(False)
     model.projector.requires_grad_(True)
     if margs.stage == 2:
@@ -507,7 +507,9 @@ def load_checkpoint_model(checkpoint, torch_dtype=torch.float32) -> MLLM:
         tower = {k[len("vision_tower."):]: v for k, v in torch.load(
             ck / TRAINABLE, map_location="cpu").items() if k.startswith("vision_tower.")}
         own = model.vision_tower.state_dict()
-        if set(tower) != {k for k, _ in model.vision_tower.named_parameters()}:
+        # what trained: the part feeding the features (older runs saved the whole tower)
+        trained = set(tower_feature_parameters(model.vision_tower, model.vision_feature_layer))
+        if not trained <= set(tower) <= set(own):
             raise ValueError(f"checkpoint {str(ck)!r} was trained with "
                              f"unfreeze_mm_vision_tower but its {TRAINABLE} does not hold the "
                              f"tower's parameters")

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
 
 TRAINABLE = "trainable.pt"
 RUN_CONFIG = "run_config.json"
@@ -358,6 +359,26 @@ class MLLMTrainer(Trainer):
                              f"tensors {sorted(want - set(state))[:5]}")
         model.load_state_dict(state, strict=False)
 
+    def _load_best_model(self):
+        """``load_best_model_at_end``: the trainable tensors of ``state.best_model_checkpoint``
+        (Trainer's own looks for a whole-model ``pytorch_model.bin`` / ``model.safetensors``,
+        which these checkpoints do not hold), verified against its manifest first; DeepSpeed:
+        Trainer's (the engine's own checkpoint)."""
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        best = self.state.best_model_checkpoint
+
+        def check():  # on rank 0, every rank taking part in the broadcast
+            if not (Path(best) / MANIFEST).is_file():
+                return False
+            verify_checkpoint(best)
+            return True
+
+        if not _on_main_process(check):
+            warnings.warn(f"best checkpoint {best!r} has no {MANIFEST}: loading it unverified",
+                          stacklevel=2)
+        self._load_from_checkpoint(best)
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None,
               **kwargs):
         """Trainer's, with ``resume_from_checkpoint`` resolved by :func:`resolve_resume`
@@ -376,11 +397,25 @@ class MLLMTrainer(Trainer):
         if self.args.should_save and (staging / name).exists():  # left by a crash
             shutil.rmtree(staging / name)
         self.accelerator.wait_for_everyone()
+        best_before = self.state.best_model_checkpoint
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir = None
+        # Trainer records the best checkpoint only if it finds it under its run directory,
+        # here the staging one: the current step's (a path about to be renamed away) or, for
+        # an older best step, none (so rotation would delete it). Point it at the final
+        # directory, and rewrite the staged trainer_state.json before the manifest covers it.
+        best = self.state.best_global_step
+        self.state.best_model_checkpoint = best_before
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH,
+                                       SaveStrategy.BEST) and best:
+            final_best = run_dir / f"checkpoint-{best}"
+            if best == self.state.global_step or final_best.is_dir():
+                self.state.best_model_checkpoint = str(final_best)
+        if self.args.should_save:
+            self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed shards) written
         if self.args.should_save:
             write_manifest(staging / name)
