@@ -41,7 +41,7 @@ test: $(PY)
 # the trainer and digits study), and the work-model CLI test, whose subprocess drops
 # TRITON_INTERPRET anyway.
 NO_INTERPRETER_SKIP := aot csrc_compile benchmarks_smoke bench_entry digits mllm mllm_varres \
-	train eval_mme mutants_apply llava gpu_run setup_cuda
+	train train_best eval_mme mutants_apply llava gpu_run setup_cuda
 test-no-interpreter: $(PY)
 	TRITON_INTERPRET=0 CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -p no:cacheprovider \
 		$(foreach f,$(NO_INTERPRETER_SKIP),--ignore=tests/test_$(f).py) \
