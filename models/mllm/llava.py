@@ -68,10 +68,10 @@ import torch
 from torch import nn
 
 from ..projectors.mlp import MLPProjector
-from ..projectors.registry import build_projector, projector_from_config
+from ..projectors.registry import build_projector
 from .conversation import IMAGE_PLACEHOLDER, get_template
 from .model import (check_feature_layer, default_image_processor, ensure_image_token,
-                    load_vision_tower, vision_grid_of)
+                    load_vision_tower, resolve_projector, vision_grid_of)
 
 IMAGE_TOKEN_INDEX = -200  # original LLaVA's image token: spliced in by its model, not in the vocab
 IM_PATCH = "<im_patch>"  # LLaVA's DEFAULT_IMAGE_PATCH_TOKEN (added when mm_use_im_patch_token)
@@ -446,16 +446,8 @@ def load_llava(cls, path, *, projector=None, projector_kwargs: dict | None = Non
         proj.to(dtype)
         select = parts.select_feature
     else:
-        if isinstance(projector, str):
-            proj = build_projector(projector, vision_width=width, llm_width=llm_width,
-                                   visual_grid=grid, **(projector_kwargs or {}))
-        elif isinstance(projector, dict):
-            proj = projector_from_config(projector)
-        elif isinstance(projector, nn.Module):
-            proj = projector
-        else:
-            raise TypeError(f"projector must be None, a registry name, a config dict or an "
-                            f"nn.Module, got {type(projector).__name__}")
+        proj = resolve_projector(projector, projector_kwargs, vision_width=width,
+                                 llm_width=llm_width, visual_grid=grid)
         select = "cls_patch" if getattr(proj, "cls_token", False) else "patch"
         _check_select(select, _tower_has_cls(tower), "projector with cls_token=True")
     tok = parts.tokenizer

@@ -118,6 +118,19 @@ def vision_grid_of(vision_config) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------ model
+
+def resolve_projector(projector, projector_kwargs=None, **build_kwargs) -> nn.Module:
+    """The projector ``projector`` stands for: a registry name (built with ``build_kwargs`` and
+    ``projector_kwargs``), a config dict (``projector_from_config``) or a module as it is."""
+    if isinstance(projector, str):
+        return build_projector(projector, **build_kwargs, **(projector_kwargs or {}))
+    if isinstance(projector, dict):
+        return projector_from_config(projector)
+    if isinstance(projector, nn.Module):
+        return projector
+    raise TypeError(f"projector must be a registry name, a config dict or an nn.Module, "
+                    f"got {type(projector).__name__}")
+
 class MLLM(nn.Module):
     """Vision tower -> projector -> causal LM, LLaVA style.
 
@@ -207,19 +220,11 @@ class MLLM(nn.Module):
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         grid = vision_grid_of(tower.config)
-        if isinstance(projector, str):
-            layers = check_feature_layer(vision_feature_layer, tower.config.num_hidden_layers)
-            proj = build_projector(projector, vision_width=tower.config.hidden_size * (
-                                       len(layers) if isinstance(layers, list) else 1),
-                                   llm_width=lm.get_input_embeddings().embedding_dim,
-                                   visual_grid=grid, **(projector_kwargs or {}))
-        elif isinstance(projector, dict):
-            proj = projector_from_config(projector)
-        elif isinstance(projector, nn.Module):
-            proj = projector
-        else:
-            raise TypeError(f"projector must be a name, a config dict or an nn.Module, "
-                            f"got {type(projector).__name__}")
+        layers = check_feature_layer(vision_feature_layer, tower.config.num_hidden_layers)
+        proj = resolve_projector(projector, projector_kwargs, vision_width=tower.config.hidden_size
+                                 * (len(layers) if isinstance(layers, list) else 1),
+                                 llm_width=lm.get_input_embeddings().embedding_dim,
+                                 visual_grid=grid)
         proc = load_image_processor(image_processor, tower.config)
         model = cls(tower, proj, lm, image_token_id, vision_feature_layer=vision_feature_layer,
                     vision_select_feature=vision_select_feature,
