@@ -496,6 +496,40 @@ def test_micro_run_writes_report(tmp_path):
     assert summary_md.count("| pargo-9 |") == 1 and runs_md.count("| pargo-9 |") == 3
 
 
+def test_aligned_runs_start_stage1_from_the_cached_text_lm(tmp_path, monkeypatch):
+    """In the aligned protocol stage 1 starts from the text-pretrained LM of the run's seed (the
+    one saved in the cache), stage 2 from stage 1's projector; the joint protocol from a fresh
+    LM."""
+    import models.digits.run as run
+    seen = []
+    real = run.train_stage
+
+    def spy(model, **kw):
+        seen.append((kw["stage"], {k: v.clone() for k, v in model.llm.state_dict().items()},
+                     {k: v.clone() for k, v in model.projector.state_dict().items()}))
+        out = real(model, **kw)
+        seen[-1] += ({k: v.clone() for k, v in model.projector.state_dict().items()},)
+        return out
+    monkeypatch.setattr(run, "train_stage", spy)
+    over = {"protocols": {"aligned": ("deco-9",), "joint": ("deco-9",)},
+            "lrs": {"aligned": {"deco-9": (1e-3,)}, "joint": {"deco-9": (1e-3,)}},
+            "steps": 2, "s1_steps": 2, "lm_steps": 2, "eval_every": 0, "n_relevance_score": 0,
+            "n_relevance": 0}
+    run.run_study("tiny", tmp_path / "out", overrides=over, cache=tmp_path / "cache")
+    lm_file, = (tmp_path / "cache").glob("lm_*_s0.pt")
+    lm = torch.load(lm_file, weights_only=False)["state"]
+    text_lm, s1, s2, joint = seen  # the LM pretraining, stage 1, stage 2, the joint run
+    assert [x[0] for x in seen] == [2, 1, 2, 2]
+    for k, v in lm.items():
+        assert torch.equal(s1[1][k], v), k  # stage 1 starts from the cached text LM
+        assert torch.equal(s2[1][k], v), k  # ... which stage 1 leaves alone
+    for k, v in s1[3].items():
+        assert torch.equal(s2[2][k], v), k  # stage 2 continues stage 1's projector
+    assert not all(torch.equal(s1[2][k], v) for k, v in s1[3].items())  # which moved
+    k = "model.embed_tokens.weight"
+    assert not torch.equal(joint[1][k], lm[k])  # the joint run starts from a fresh LM
+
+
 def test_same_seed_gives_bit_identical_losses_and_answers(tmp_path):
     """Reproducibility: the tiny profile (tower, text LM, stage 1, stage 2, evaluation) run in
     this process and again in a fresh interpreter with another hash seed gives bit-identical
