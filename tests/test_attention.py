@@ -13,7 +13,8 @@ import pargo_kernels as pk
 from pargo_kernels.masks import BandMask, ParGoSelfMask, PartialGlobalMask
 from pargo_kernels.ops import attention_triton
 from pargo_kernels.reference import masked_attention
-from pargo_kernels.testing import assert_close, randn, rel_error, run_with_grads
+from pargo_kernels.testing import (assert_close, attention_grad_roundoff, randn, rel_error,
+                                   run_with_grads)
 
 # "reference-dispatch" runs the oracle's own code (in the inputs' dtype, through the public
 # function): it checks dispatch and dtype handling, not the masks, which have their own
@@ -42,9 +43,14 @@ def _check(op, mask, B, H, D, Dv, dtype, device, backend, layout="bhnd", scale=N
                                     (q, k, v), grad, torch.float64)
     assert out.dtype == dtype and out.shape == (B, H, mask.n_query, Dv)
     assert_close("out", out, ref, dtype)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+    # dq and dk cancel where a row sees one key (window (0, 0): the exact dq is 0) or keys of
+    # equal score: allowed their calibrated fp32 round-off there, as the fuzz does (one CI draw
+    # of self-only-0-0 had |dq| = 3.4e-6 against exact 0, above REL_TOL * SCALE_FLOOR = 2e-6).
+    roundoff = attention_grad_roundoff(*(x.detach().double() for x in (q, k, v, grad)), dense,
+                                       ref_scale)
+    for name, g, r, bound in zip(("dq", "dk", "dv"), grads, ref_grads, roundoff):
         assert g.dtype == dtype
-        assert_close(name, g, r, dtype)
+        assert_close(name, g, r, dtype, roundoff=bound)
 
 
 PG_CASES = {
