@@ -434,7 +434,7 @@ _MICRO = {"seeds": (0, 1),
 def test_micro_run_writes_report(tmp_path):
     """Both protocols end to end on the tiny profile (stage 1 + 2 and joint), the grid then the
     seeds, the report, the plots and the merge of split runs."""
-    from models.digits.run import merge_results, protocol_complete, run_study
+    from models.digits.run import merge_results, protocol_complete, run_key, run_study
     out = tmp_path / "out"
     res = run_study("tiny", out, overrides=_MICRO)
     runs = [(r["config"], r["protocol"], r["lr"], r["seed"]) for r in res["runs"]]
@@ -494,6 +494,14 @@ def test_micro_run_writes_report(tmp_path):
     md = (tmp_path / "m" / "results.md").read_text()
     summary_md, runs_md = md.split("## All runs")
     assert summary_md.count("| pargo-9 |") == 1 and runs_md.count("| pargo-9 |") == 3
+    # an interrupted run resumed: the kept runs are not rerun, the missing one is, identically
+    from models.digits.run import compare_results
+    cut = {**js, "runs": js["runs"][:-1], "complete": False}
+    (out / "results.json").write_text(json.dumps(cut))
+    again = run_study("tiny", out, overrides=_MICRO, resume=True)
+    assert [run_key(r) for r in again["runs"]] == [run_key(r) for r in js["runs"]]
+    assert again["runs"][0]["cpu_s"] == js["runs"][0]["cpu_s"]  # kept, not rerun
+    assert compare_results(again, js) == [] and again["complete"] and again["sessions"] == 2
 
 
 def test_aligned_runs_start_stage1_from_the_cached_text_lm(tmp_path, monkeypatch):

@@ -698,7 +698,9 @@ def write_report(results: dict, out: Path) -> str:
            f"load average {min(results['loadavg']):.1f}-{max(results['loadavg']):.1f} during "
            f"the run; torch {results['torch']}"
            f"{'; PARTIAL (run still going or cut off)' if not results.get('complete') else ''}.",
-           "", "Plots: `loss_curves.png`, `val_curves.png`, `accuracy.png`, `relevance.png`.", "",
+           "", "Plots: `loss_curves.png`, `val_curves.png`, `accuracy.png`"
+           + (" (`relevance.png`: in each process's own folder)." if merged
+              else ", `relevance.png`."), "",
            f"Command: `{results['command']}`", ""]
     (out / "results.md").write_text("\n".join(md))
     return "\n\n".join(results_table(results, [s for s in results["summary"]
@@ -750,7 +752,8 @@ def plot(results: dict, out: Path) -> None:
             ax.set_xlabel("step (stage 1 then stage 2)" if fname == "loss_curves.png"
                           else "stage-2 step")
             ax.set_ylabel(ylabel)
-            ax.legend(fontsize=7)
+            if seen:
+                ax.legend(fontsize=7)
             ax.set_title(f"{pr}: every run (bold: kept rate; dashed: on the plateau)",
                          fontsize=9)
         fig.tight_layout()
@@ -807,10 +810,10 @@ def _write(results: dict, out: Path) -> str:
 
 
 def _save(results: dict, out: Path, t_start: float, c_start: float) -> str:
-    results["wall_clock_s"] = time.time() - t_start
+    results["wall_clock_s"] = results.get("resumed_wall_s", 0.0) + time.time() - t_start
     # CPU seconds of this process (one torch thread on a CPU): about the wall-clock it would take
-    # on an unloaded core, whatever the load while it ran
-    results["cpu_s"] = time.process_time() - c_start
+    # on an unloaded core, whatever the load while it ran (+ those of the sessions resumed)
+    results["cpu_s"] = results.get("resumed_cpu_s", 0.0) + time.process_time() - c_start
     results["loadavg"] = results.get("loadavg", []) + [round(os.getloadavg()[0], 2)]
     return _write(results, out)
 
@@ -950,10 +953,12 @@ def _cached(cache, kind: str, keys, p: dict, seed: int, make):
 
 def run_study(profile: str = "cpu", out="runs/digits_cpu", *, configs=None, protocols=None,
               overrides: dict | None = None, keep_runs: bool = False,
-              command: str | None = None, cache=None) -> dict:
+              command: str | None = None, cache=None, resume: bool = False) -> dict:
     """Build the data, pretrain the tower(s) and LM(s) (or load them from ``cache``, a folder
     shared by the processes of one study), run every configuration's rate grid and seeds, write
-    the report after every run. Returns the results dict (also ``out/results.json``)."""
+    the report after every run. ``resume``: keep the runs of an interrupted ``out/results.json``
+    of the same profile settings and machine, and run only the missing ones (a run does not
+    depend on the runs before it). Returns the results dict (also ``out/results.json``)."""
     from .dataset import QTYPES, build_digit_dataset
     from .relevance import relevance_study, save_relevance_figure
     from .tower import pretrain_tower
@@ -1009,6 +1014,22 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, configs=None, prot
                    "torch": torch.__version__,
                    "command": command or f"python -m models.digits.run --profile {profile} "
                                          f"--out {out}"}
+        prev_file = out / "results.json"
+        if resume and prev_file.is_file():
+            prev = json.loads(prev_file.read_text())
+            want = json.loads(json.dumps(p))
+            if prev["profile"] != name or prev["profile_settings"] != want:
+                raise ValueError(f"--resume: {prev_file} is not of these profile settings")
+            if prev["platform"] != results["platform"]:
+                raise ValueError(f"--resume: {prev_file} ran on another platform "
+                                 f"({prev['platform']}); its runs would not be reproduced here")
+            results["runs"] = prev["runs"]
+            results["tower_stats"], results["lm_stats"] = prev["tower_stats"], prev["lm_stats"]
+            results["resumed_cpu_s"] = prev["cpu_s"]
+            results["resumed_wall_s"] = prev["wall_clock_s"]
+            results["loadavg"] = prev.get("loadavg", [])
+            results["sessions"] = prev.get("sessions", 1) + 1
+            print(f"resuming {prev_file}: {len(prev['runs'])} runs kept", flush=True)
         towers, lms = {}, {}
 
         def tower_for(seed):
@@ -1058,6 +1079,8 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, configs=None, prot
         rel_maps = {}
 
         def one(label, protocol, lr, seed):
+            if any(run_key(r) == (label, protocol, lr, seed) for r in results["runs"]):
+                return  # resumed
             r, model = run_one(ctx, label, protocol, lr, seed)
             if rel_recs:
                 rel = relevance_study(model, rel_recs[:n_rel], data["image_folder"])
@@ -1091,7 +1114,8 @@ def run_study(profile: str = "cpu", out="runs/digits_cpu", *, configs=None, prot
         if rel_recs:
             first = next(iter(p["protocols"]))
             best = {s["config"]: rel_maps[(s["config"], first, s["lr"], seeds[0])]
-                    for s in results["summary"] if s["protocol"] == first}
+                    for s in results["summary"] if s["protocol"] == first
+                    and (s["config"], first, s["lr"], seeds[0]) in rel_maps}
             save_relevance_figure(out / "relevance.png", rel_recs[:p["n_relevance"]],
                                   data["image_folder"], best)
         results["complete"] = True
@@ -1192,6 +1216,9 @@ def main(argv=None) -> None:
                          "the processes of one study; --prepare fills it)")
     ap.add_argument("--prepare", action="store_true",
                     help="only pretrain the towers and LMs of the profile's seeds into --cache")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs of an interrupted --out of the same settings, run the "
+                         "missing ones")
     ap.add_argument("--keep_runs", action="store_true",
                     help="keep the data and checkpoints under <out>/digits_*")
     a = ap.parse_args(argv)
@@ -1207,7 +1234,7 @@ def main(argv=None) -> None:
     argv_s = " ".join(sys.argv[1:] if argv is None else argv)
     kw = dict(configs=a.configs.split(",") if a.configs else None,
               protocols=a.protocols.split(",") if a.protocols else None,
-              overrides=over, keep_runs=a.keep_runs, cache=a.cache,
+              overrides=over, keep_runs=a.keep_runs, cache=a.cache, resume=a.resume,
               command=f"python -m models.digits.run {argv_s}".strip())
     if a.prepare:
         if not a.cache:
