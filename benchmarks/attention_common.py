@@ -49,7 +49,7 @@ def attention_case(op: str, name: str, group: str, mask, B: int, H: int, D: int,
     scale = D ** -0.5
     dense = mask.materialize(dev)
     nnz = int(dense.sum().item())
-    e = torch.tensor([], dtype=dt).element_size()
+    e = dt.itemsize
     bh = B * H
     fwd_bytes = e * bh * (Nq * D + Nv * D + Nv * Dv + Nq * Dv)
     # backward reads q, k, v, o, do and the fp32 row statistics; writes dq, dk, dv

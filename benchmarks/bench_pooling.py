@@ -57,7 +57,7 @@ def deco_path(x, weight, bias, in_grid, out_grid):
 
 def pooling_case(name, b, in_grid, out_grid, c, n, args) -> Case:
     dev, dt = args.device, args.dtype_t
-    e = torch.tensor([], dtype=dt).element_size()
+    e = dt.itemsize
     m_in, m_out = in_grid[0] * in_grid[1], out_grid[0] * out_grid[1]
 
     def make_inputs():

@@ -157,7 +157,7 @@ class Packed:
         coordinates and column interval ``[x0, x1)``; per key token: sequence id, local index
         and column (``j % Wv``; 0 for 1-D windows)."""
         def t(vals):
-            return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
+            return torch.tensor(vals, dtype=torch.int64, device="cpu").to(device, non_blocking=True)
 
         nq, nv = t(self.nq), t(self.nv)
         tq, tk = self.cu_q[-1], self.cu_k[-1]
@@ -214,7 +214,7 @@ def attention_case(op: str, name: str, grids, args) -> Case:
     pk_ = Packed(op, grids, d)
     tq, tk = pk_.cu_q[-1], pk_.cu_k[-1]
     allowed = sum(int(m.materialize().sum()) for m in pk_.masks)
-    e = torch.tensor([], dtype=dt).element_size()
+    e = dt.itemsize
     fwd_bytes = e * h * d * (2 * tq + 2 * tk)
     bwd_bytes = e * h * d * (4 * tq + 4 * tk) + 4 * h * tq
     fwd_flops = 4 * d * allowed * h
@@ -387,7 +387,7 @@ def pool_case(name: str, grids, args) -> Case:
     c = 8 if args.smoke else POOL_C
     outs = [pooled_grid(g) for g in grids]
     cu_in, cu_out = offsets(a * b for a, b in grids), offsets(a * b for a, b in outs)
-    e = torch.tensor([], dtype=dt).element_size()
+    e = dt.itemsize
     io = e * c * (cu_in[-1] + cu_out[-1])
 
     def make_inputs():

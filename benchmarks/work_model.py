@@ -294,7 +294,8 @@ def _pair_counts(mask) -> tuple[int, int]:
     """(allowed pairs, pairs inside 128x128 blocks holding any allowed pair)."""
     dense = mask.materialize()
     nq, nv = dense.shape
-    pad = torch.zeros(plan.cdiv(nq, 128) * 128, plan.cdiv(nv, 128) * 128, dtype=torch.bool)
+    pad = torch.zeros(plan.cdiv(nq, 128) * 128, plan.cdiv(nv, 128) * 128, dtype=torch.bool,
+                      device=dense.device)
     pad[:nq, :nv] = dense
     blocks = pad.reshape(pad.shape[0] // 128, 128, -1, 128).any(3).any(1)
     return int(dense.sum()), int(blocks.sum()) * 128 * 128

@@ -268,7 +268,7 @@ def _row(op, case, pss, variant, default, steps, flops_ideal, floor) -> dict:
 def pool_rows(resources=None, cases=None) -> list[dict]:
     """The model's rows (see the module docstring), one per op x case x pass x variant."""
     resources = load_resources() if resources is None else resources
-    e = torch.tensor([], dtype=DTYPE).element_size()
+    e = DTYPE.itemsize
     fused_default = pooling.FUSED_DEFAULT
     rows = []
     for case in cases or CASES:

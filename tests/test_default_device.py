@@ -9,6 +9,8 @@ bitwise equal (the ops are deterministic) and on the same devices. On a CPU-only
 other default is ``meta`` (any allocation that follows it fails or yields meta tensors); on a
 GPU machine also ``cuda`` and ``cpu``.
 """
+import os
+
 import pytest
 import torch
 
@@ -262,16 +264,22 @@ def default_device_allocations(source: str) -> list[int]:
                   and not any(kw.arg == "device" for kw in node.keywords))
 
 
+# benchmarks/gpu_plan.py replaces torch's factories and layers by shape-only stand-ins on the
+# CPU (it plans a GPU run without one): its factory calls are the stand-ins' own
+_SCAN_EXEMPT = {os.path.join("benchmarks", "gpu_plan.py")}
+
+
 def test_library_allocates_nothing_on_the_default_device():
-    """pargo_kernels/ and models/projectors/ give every tensor factory its device."""
-    import os
+    """pargo_kernels/, models/ (projectors, MLLM data / trainer / LLaVA interop, the digits
+    study) and benchmarks/ give every tensor factory its device: a collator's batch, a sampler's
+    permutation or a study's data do not land on a CUDA default device."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     offenders = []
-    for top in ("pargo_kernels", os.path.join("models", "projectors")):
+    for top in ("pargo_kernels", "models", "benchmarks"):
         for dirpath, _, files in os.walk(os.path.join(root, top)):
             for name in sorted(files):
-                if name.endswith(".py"):
-                    path = os.path.join(dirpath, name)
+                path = os.path.join(dirpath, name)
+                if name.endswith(".py") and os.path.relpath(path, root) not in _SCAN_EXEMPT:
                     with open(path) as f:
                         offenders += [f"{os.path.relpath(path, root)}:{line}"
                                       for line in default_device_allocations(f.read())]
@@ -322,3 +330,42 @@ def test_projectors_do_not_depend_on_the_default_device(cfg_id, default, device,
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.device == w.device and torch.equal(g, w), f"result {i} under default {default}"
+
+
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_collator_and_sampler_do_not_depend_on_the_default_device(default, set_default_device):
+    """The MLLM trainer's CPU-side pieces: the collator's batch (fixed and native-size images)
+    and the modality-grouped order are the same CPU tensors / indices under another default
+    device (a batch on ``meta`` has no values; a sampler drawing there fails)."""
+    from models.mllm.data import Collator
+    from models.mllm.trainer import modality_grouped_indices
+    lens = torch.randint(3, 9, (3,), device="cpu").tolist()
+
+    def items(native):
+        out = []
+        for n in lens:
+            ids = torch.randint(5, 100, (n,), device="cpu").tolist()
+            it = {"input_ids": ids, "labels": [-100] + ids[1:]}
+            if native:
+                it.update(pixel_values=[torch.randn(3, 4, 6, device="cpu")],
+                          visual_grids=[(2, 3)])
+            else:
+                it["pixel_values"] = torch.randn(3, 4, 4, device="cpu")
+            out.append(it)
+        return out
+
+    seed = int(torch.randint(0, 10 ** 6, (), device="cpu"))
+    lengths = [n if i % 3 else -n for i, n in enumerate(torch.randint(
+        1, 50, (23,), device="cpu").tolist())]
+    batches = [items(False), items(True)]
+    ref = [Collator(0, side)(b) for b in batches for side in ("right", "left")]
+    ref_order = modality_grouped_indices(lengths, 4, torch.Generator().manual_seed(seed))
+    set_default_device(default)
+    got = [Collator(0, side)(b) for b in batches for side in ("right", "left")]
+    assert modality_grouped_indices(
+        lengths, 4, torch.Generator(device="cpu").manual_seed(seed)) == ref_order
+    for r, g in zip(ref, got):
+        assert set(r) == set(g)
+        for k, v in r.items():
+            if isinstance(v, torch.Tensor):
+                assert g[k].device.type == "cpu" and torch.equal(g[k], v), k

@@ -189,8 +189,9 @@ def box_coverage(box, grid) -> Tensor:
     """``[gh, gw]``: the share of each patch of a ``grid`` that ``box`` (fractions) covers."""
     gh, gw = grid
     f64 = torch.float64
-    ey, ex = torch.arange(gh + 1, dtype=f64) / gh, torch.arange(gw + 1, dtype=f64) / gw
-    y0, x0, y1, x1 = (torch.tensor(float(v), dtype=f64) for v in box)
+    ey = torch.arange(gh + 1, dtype=f64, device="cpu") / gh
+    ex = torch.arange(gw + 1, dtype=f64, device="cpu") / gw
+    y0, x0, y1, x1 = (torch.tensor(float(v), dtype=f64, device="cpu") for v in box)
     oy = torch.minimum(ey[1:], y1) - torch.maximum(ey[:-1], y0)
     ox = torch.minimum(ex[1:], x1) - torch.maximum(ex[:-1], x0)
     return (oy.clamp(min=0)[:, None] * gh) * (ox.clamp(min=0)[None, :] * gw)

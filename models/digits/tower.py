@@ -34,7 +34,7 @@ def _load(records: list[dict], image_folder, processor, pitch: int, patch: int,
         tgts.append(patch_labels(np.asarray(r["labels"]), np.asarray(r["offsets"]), pitch,
                                  patch, upsample).ravel())
     pix = processor(images=ims, return_tensors="pt")["pixel_values"]
-    return pix, torch.as_tensor(np.stack(tgts), dtype=torch.long)
+    return pix, torch.as_tensor(np.stack(tgts), dtype=torch.long, device="cpu")
 
 
 def _patch_logits(tower, head, pix):
@@ -69,7 +69,7 @@ def pretrain_tower(vision_config, processor, data: dict, *, steps: int, batch: i
     tower.train()
     losses = []
     for _ in range(steps):
-        i = torch.randint(len(pix), (batch,), generator=gen)
+        i = torch.randint(len(pix), (batch,), generator=gen, device=gen.device)
         logits = _patch_logits(tower, head, pix[i])
         loss = nn.functional.cross_entropy(logits.reshape(-1, 11), tgt[i].reshape(-1))
         opt.zero_grad(set_to_none=True)

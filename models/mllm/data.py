@@ -475,8 +475,10 @@ class Collator:
             ids.append(self._pad(list(it["input_ids"]), n, self.pad_token_id))
             labels.append(self._pad(list(it["labels"]), n, IGNORE_INDEX))
             mask.append(self._pad([1] * len(it["input_ids"]), n, 0))
-        batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-                 "labels": torch.tensor(labels)}
+        # a CPU batch whatever the default device (the Trainer / accelerate moves it)
+        batch = {"input_ids": torch.tensor(ids, device="cpu"),
+                 "attention_mask": torch.tensor(mask, device="cpu"),
+                 "labels": torch.tensor(labels, device="cpu")}
         packed = ["visual_grids" in it for it in items]
         if any(packed) and not all(packed):
             raise ValueError("items mix the fixed and native resize policies (only native "
@@ -485,7 +487,8 @@ class Collator:
             pix = [x for it in items for x in it["pixel_values"]]
             grids = [tuple(g) for it in items for g in it["visual_grids"]]
             batch.update(pixel_values=pix or None,
-                         visual_grids=torch.tensor(grids, dtype=torch.long) if pix else None)
+                         visual_grids=torch.tensor(grids, dtype=torch.long, device="cpu")
+                         if pix else None)
         else:
             pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
             batch["pixel_values"] = torch.cat(pix) if pix else None

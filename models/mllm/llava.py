@@ -442,7 +442,8 @@ def load_llava(cls, path, *, projector=None, projector_kwargs: dict | None = Non
         proj = build_projector(parts.proj_name, vision_width=width, llm_width=llm_width,
                                visual_grid=grid, **parts.proj_config)
         proj.load_state_dict(parts.proj_state, strict=True)
-        dtype = torch_dtype or next(iter(parts.proj_state.values()), torch.empty(0)).dtype
+        dtype = torch_dtype or next((t.dtype for t in parts.proj_state.values()),
+                                    torch.get_default_dtype())
         proj.to(dtype)
         select = parts.select_feature
     else:

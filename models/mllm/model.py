@@ -557,8 +557,8 @@ class MLLM(nn.Module):
                 for_generation=True)["input_ids"])
         width = max(map(len, seqs))
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device="cpu")
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device="cpu")
         return ids, mask
 
     @torch.no_grad()

@@ -227,6 +227,12 @@ def rotate_step_checkpoints(output_dir, save_total_limit, best_model_checkpoint)
                        best_model_checkpoint=best_model_checkpoint, use_mtime=False)
 
 
+def _gen_device(generator) -> torch.device:
+    """Where ``generator`` draws (the CPU without one): a permutation drawn there, not on the
+    default device."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
 def modality_grouped_indices(lengths: list[int], batch: int, generator) -> list[int]:
     """A permutation of ``range(len(lengths))`` (every index once, whatever the lengths) cut
     into runs of ``batch`` that are each all multimodal (length > 0) or all text (length <= 0:
@@ -237,13 +243,15 @@ def modality_grouped_indices(lengths: list[int], batch: int, generator) -> list[
     runs, tails = [], []
     for group in ([i for i, n in enumerate(lengths) if n > 0],
                   [i for i, n in enumerate(lengths) if n <= 0]):
-        perm = [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+        drawn = torch.randperm(len(group), generator=generator, device=_gen_device(generator))
+        perm = [group[j] for j in drawn.tolist()]
         chunks = [sorted(perm[k:k + batch], key=lambda i: -abs(lengths[i]))
                   for k in range(0, len(perm), batch)]
         if chunks and len(chunks[-1]) < batch:
             tails += chunks.pop()
         runs += chunks
-    order = torch.randperm(len(runs), generator=generator).tolist()
+    order = torch.randperm(len(runs), generator=generator,
+                           device=_gen_device(generator)).tolist()
     return [i for k in order for i in runs[k]] + tails
 
 
