@@ -714,3 +714,35 @@ def test_digit_box_and_coverage_against_pixel_counts():
     assert cell_of("which digit is in row 1 , column 4 ?") == (0, 3)
     with pytest.raises(ValueError, match="cell"):
         cell_of("read row r2 .")
+
+
+def test_committed_study_and_make_run_tables_are_of_the_current_profiles():
+    """The committed tables are what this code runs: the study (`cpu-study`) was run with the
+    current settings, is complete, every kept rate lies strictly inside its grid with 3 seeds;
+    `make run` (`cpu`) was run with the current settings, and its rates are the study's choices
+    on validation (so `--check benchmarks/results/digits_cpu_seed0` reruns exactly that table)."""
+    from pathlib import Path
+
+    from models.digits.run import PROFILES, _select
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    study = json.loads((res / "digits_cpu_study" / "results.json").read_text())
+    want = json.loads(json.dumps(_select(dict(PROFILES["cpu-study"]))))
+    got = study["profile_settings"]
+    assert study["profile"] == "cpu-study" and study["complete"]
+    assert {k: v for k, v in got.items() if k not in ("protocols", "configs")} == \
+        {k: v for k, v in want.items() if k not in ("protocols", "configs")}
+    assert {pr: sorted(cs) for pr, cs in got["protocols"].items()} == \
+        {pr: sorted(cs) for pr, cs in want["protocols"].items()}
+    chosen = {}
+    for s in study["summary"]:
+        assert s["inside"] and s["n_seeds"] == len(want["seeds"]), s["config"]
+        chosen[(s["config"], s["protocol"])] = s["lr"]
+    assert set(chosen) == {(c, pr) for pr, cs in want["protocols"].items() for c in cs}
+    quick = json.loads((res / "digits_cpu_seed0" / "results.json").read_text())
+    assert quick["profile"] == "cpu" and quick["complete"]
+    assert quick["profile_settings"] == json.loads(json.dumps(_select(dict(PROFILES["cpu"]))))
+    for pr, rates in PROFILES["cpu"]["lrs"].items():
+        for c, (lr,) in rates.items():
+            assert lr == chosen[(c, pr)], (c, pr)
+    assert {(r["config"], r["protocol"], r["lr"]) for r in quick["runs"]} == \
+        {(c, pr, lr) for pr, rates in PROFILES["cpu"]["lrs"].items() for c, (lr,) in rates.items()}

@@ -17,8 +17,10 @@ with scikit-learn, no download) composed into ``rows x cols`` grids, with questi
 Layout: digit ``(r, c)`` is pasted with its top-left corner at ``(pitch * r + dy, pitch * c + dx)``,
 ``dy, dx`` drawn uniformly from ``0 .. pitch - 8`` per digit (random sub-cell offsets; recorded in
 ``"offsets"``), on a ``pitch * rows`` x ``pitch * cols`` canvas. With 4x4 digits on a 9 px pitch
-(36 px), 6 px patches and 3x3 projector windows, neither the patches nor any projector's windows
-line up with the digit cells: no projector gets the layout for free.
+(36 px) and the study's 3 px patches (12x12 grid), each digit sits at a random offset inside its
+3x3-patch cell, and the projectors' windows (3x3 and 5x7 ParGo windows, 3x3 and 6x6 DeCo cells)
+do not follow the cells: at most the 4 corner digits fit inside one window, none in a 6x6 DeCo
+cell (tests/test_digits.py). No projector gets the layout for free.
 
 Every answer is computed from the composed labels. Files are LLaVA JSON (what
 :class:`models.mllm.data.LLaVADataset` reads) plus ``images/*.png`` (grayscale, ``pitch * rows *

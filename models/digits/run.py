@@ -75,9 +75,9 @@ _CONFIGS_9 = ("pargo-9", "qformer-9", "deco-9")
 _CONFIGS_36 = ("pargo-36", "qformer-36", "deco-36")
 # the kept rate of every (configuration, protocol): the cpu-study's choice on validation
 # (benchmarks/results/digits_cpu_study); `make run` runs seed 0 at these
-_CHOSEN = {"aligned": {"pargo-9": 1e-3, "qformer-9": 1e-3, "deco-9": 1e-3, "pargo-36": 1e-3,
-                       "qformer-36": 1e-3, "deco-36": 1e-3, "mlp-144": 1e-3},
-           "joint": {"pargo-9": 1e-3, "deco-9": 1e-3}}
+_CHOSEN = {"aligned": {"pargo-9": 2e-3, "qformer-9": 2e-3, "deco-9": 2e-3, "pargo-36": 1e-3,
+                       "qformer-36": 1e-3, "deco-36": 2e-3, "mlp-144": 1e-3},
+           "joint": {"pargo-9": 1e-3, "deco-9": 2e-3}}
 _GRID = (5e-4, 1e-3, 2e-3)
 
 # n_train: training images (one conversation each, `train_repeats` questions per type); steps x
