@@ -719,14 +719,15 @@ def test_digit_box_and_coverage_against_pixel_counts():
 def test_committed_study_and_make_run_tables_are_of_the_current_profiles():
     """The committed tables are what this code runs: the study (`cpu-study`) was run with the
     current settings, is complete, every kept rate lies strictly inside its grid with 3 seeds;
-    `make run` (`cpu`) was run with the current settings, and its rates are the study's choices
-    on validation (so `--check benchmarks/results/digits_cpu_seed0` reruns exactly that table)."""
+    `run._CHOSEN` is the study's choice on validation for every (configuration, protocol); `make
+    run` (`cpu`, rates from `_CHOSEN`) was run with the current settings (so `--check
+    benchmarks/results/digits_cpu_seed0` reruns exactly that table)."""
     from pathlib import Path
 
-    from models.digits.run import PROFILES, _select
+    from models.digits.run import _CHOSEN, PROFILES, _select
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     study = json.loads((res / "digits_cpu_study" / "results.json").read_text())
-    want = json.loads(json.dumps(_select(dict(PROFILES["cpu-study"]))))
+    want = json.loads(json.dumps(_select(PROFILES["cpu-study"])))
     got = study["profile_settings"]
     assert study["profile"] == "cpu-study" and study["complete"]
     assert {k: v for k, v in got.items() if k not in ("protocols", "configs")} == \
@@ -738,11 +739,9 @@ def test_committed_study_and_make_run_tables_are_of_the_current_profiles():
         assert s["inside"] and s["n_seeds"] == len(want["seeds"]), s["config"]
         chosen[(s["config"], s["protocol"])] = s["lr"]
     assert set(chosen) == {(c, pr) for pr, cs in want["protocols"].items() for c in cs}
+    assert chosen == {(c, pr): lr for pr, rates in _CHOSEN.items() for c, lr in rates.items()}
     quick = json.loads((res / "digits_cpu_seed0" / "results.json").read_text())
     assert quick["profile"] == "cpu" and quick["complete"]
-    assert quick["profile_settings"] == json.loads(json.dumps(_select(dict(PROFILES["cpu"]))))
-    for pr, rates in PROFILES["cpu"]["lrs"].items():
-        for c, (lr,) in rates.items():
-            assert lr == chosen[(c, pr)], (c, pr)
+    assert quick["profile_settings"] == json.loads(json.dumps(_select(PROFILES["cpu"])))
     assert {(r["config"], r["protocol"], r["lr"]) for r in quick["runs"]} == \
         {(c, pr, lr) for pr, rates in PROFILES["cpu"]["lrs"].items() for c, (lr,) in rates.items()}
